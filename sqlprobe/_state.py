@@ -1,0 +1,55 @@
+"""sqlprobe's process-wide state, all of it, in one place.
+
+* which engines are attached (so ``attach`` is idempotent per engine);
+* which Prometheus exporter is registered on which registry (one per registry, so
+  several engines never produce duplicate metric families);
+* the ``attach()``-without-an-engine hook, while it is installed.
+
+Nothing here is created at import time beyond empty containers; everything is reached
+through ``attach``/``detach``, which take :data:`lock`.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from ._prometheus import PrometheusExporter
+
+if TYPE_CHECKING:
+    from ._probe import Probe
+
+__all__ = ["exporter_for", "lock", "probes", "release_exporter"]
+
+#: Guards every structure in this module (attach and detach are rare; no hot path here).
+lock = threading.RLock()
+
+#: Attached engines (``Engine``, never ``AsyncEngine``: the sync engine is the key).
+probes: weakref.WeakKeyDictionary[Any, Probe] = weakref.WeakKeyDictionary()
+
+#: registry id -> (registry, exporter); the registry is kept to make the id unambiguous.
+_exporters: dict[int, tuple[CollectorRegistry, PrometheusExporter]] = {}
+
+
+def exporter_for(registry: CollectorRegistry) -> PrometheusExporter:
+    """The exporter registered on ``registry``, registering one on first use."""
+    with lock:
+        found = _exporters.get(id(registry))
+        if found is not None and found[0] is registry:
+            return found[1]
+        exporter = PrometheusExporter()
+        registry.register(exporter)
+        _exporters[id(registry)] = (registry, exporter)
+        return exporter
+
+
+def release_exporter(registry: CollectorRegistry, exporter: PrometheusExporter) -> None:
+    """Unregister an exporter that no engine uses any more."""
+    with lock:
+        found = _exporters.get(id(registry))
+        if found is not None and found[1] is exporter and not exporter.engines:
+            del _exporters[id(registry)]
+            registry.unregister(exporter)
