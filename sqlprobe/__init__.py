@@ -16,14 +16,17 @@ tracer provider, meter provider and logger are injected or default to the global
 from __future__ import annotations
 
 from ._probe import EngineInfo, Probe, StatementStats, attach
+from ._scope import Scope, scope
 from ._server import MetricsServer, start_http_server
 
 __all__ = [
     "EngineInfo",
     "MetricsServer",
     "Probe",
+    "Scope",
     "StatementStats",
     "attach",
+    "scope",
     "start_http_server",
 ]
 

@@ -59,6 +59,7 @@ class StatementRecord:
         "parameters",
         "rows",
         "shape",
+        "span",
         "start",
         "statement",
     )
@@ -86,6 +87,10 @@ class StatementRecord:
         self.parameters = parameters
         self.context = context
         self.error = error
+        #: The span context (trace_id/span_id) of this statement's span when the OTel
+        #: sink made one, or of the span active during execution; set before the
+        #: slow-query sinks run.
+        self.span: Any = None
 
     @property
     def fingerprint(self) -> str:

@@ -1,0 +1,107 @@
+"""Units of work: ``sqlprobe.scope(...)``.
+
+A scope names what the application is doing (``"GET /users/{id}"``, a job name) for
+everything sqlprobe reports while it is open: N+1 detection counts repeats per scope,
+the slow-query log and sqlcommenter's ``route``/``controller``/``action`` read it. It
+lives in a ``ContextVar``, so it follows threads and asyncio tasks (and SQLAlchemy's
+greenlets, which inherit the context of the task that started them).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from typing import Any, TypeVar, cast
+
+__all__ = ["Scope", "current_scope", "scope"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_current: ContextVar[Scope | None] = ContextVar("sqlprobe_scope", default=None)
+
+
+class Scope:
+    """One open unit of work; also a context manager and a decorator.
+
+    ``state`` is scratch space for sqlprobe's features (N+1 repeat counts), created
+    with the scope and dropped with it, so nothing outlives the unit of work.
+    """
+
+    __slots__ = ("_tokens", "action", "controller", "name", "route", "state")
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        route: str | None = None,
+        controller: str | None = None,
+        action: str | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"scope name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.route = route
+        self.controller = controller
+        self.action = action
+        self.state: dict[Any, Any] = {}
+        self._tokens: list[Token[Scope | None]] = []
+
+    def __enter__(self) -> Scope:
+        self.state = {}
+        self._tokens.append(_current.set(self))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        token = self._tokens.pop()
+        try:
+            _current.reset(token)
+        except ValueError:
+            # Exited in another context than it was entered in (a generator moved
+            # between tasks): clear it rather than raise into the application.
+            _current.set(None)
+        self.state = {}
+
+    def __call__(self, fn: F) -> F:
+        """Use the scope as a decorator: each call of ``fn`` runs in a fresh scope."""
+        name, route, controller, action = self.name, self.route, self.controller, self.action
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with Scope(name, route=route, controller=controller, action=action):
+                    return await fn(*args, **kwargs)
+
+            return cast(F, async_wrapper)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with Scope(name, route=route, controller=controller, action=action):
+                return fn(*args, **kwargs)
+
+        return cast(F, wrapper)
+
+    def __repr__(self) -> str:
+        return f"<sqlprobe.scope {self.name!r}>"
+
+
+def scope(
+    name: str,
+    *,
+    route: str | None = None,
+    controller: str | None = None,
+    action: str | None = None,
+) -> Scope:
+    """Open a unit of work named ``name`` (``with sqlprobe.scope("GET /users"):``).
+
+    Also usable as a decorator (``@sqlprobe.scope("nightly-report")``). ``route``,
+    ``controller`` and ``action`` feed sqlcommenter; ``route`` defaults to nothing.
+    """
+    return Scope(name, route=route, controller=controller, action=action)
+
+
+def current_scope() -> Scope | None:
+    """The innermost open scope of this thread or task, if any."""
+    return _current.get()
