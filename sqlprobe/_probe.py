@@ -248,10 +248,10 @@ class Probe:
             fn()
 
     def _attach_global(self) -> None:
-        from sqlalchemy.engine.default import DefaultDialect
+        from sqlalchemy.engine.interfaces import Dialect
 
         probe = self
-        original = DefaultDialect.__dict__["engine_created"]
+        original = Dialect.__dict__["engine_created"]
 
         # SQLAlchemy has no event for "an engine was created". Dialect.engine_created is
         # the documented hook create_engine() calls on every new engine, whatever name
@@ -270,14 +270,14 @@ class Probe:
                         probe._children.append(child)
             except Exception:
                 structlog.get_logger("sqlprobe").error(
-                    "internal_error", stage="attach", engine=str(engine.url)
+                    "internal_error", stage="attach", engine=engine_label(engine.url)
                 )
 
-        DefaultDialect.engine_created = classmethod(engine_created)  # type: ignore[method-assign,assignment]
+        Dialect.engine_created = classmethod(engine_created)  # type: ignore[method-assign,assignment]
 
         def restore() -> None:
-            if DefaultDialect.__dict__.get("engine_created") is not original:
-                DefaultDialect.engine_created = original  # type: ignore[method-assign]
+            if Dialect.__dict__.get("engine_created") is not original:
+                Dialect.engine_created = original  # type: ignore[method-assign]
 
         self._undo.append(restore)
         self._attached = True

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The whole test suite, from nothing: system packages, services, virtualenvs, lint,
+# types, tests (SQLAlchemy 2.1, then a smoke subset on 2.0). CI runs exactly this
+# (.ci/run); README tells developers to run it too. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+log() { printf '\n== %s\n' "$*"; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+log "system packages"
+need_apt=()
+command -v promtool >/dev/null || need_apt+=(prometheus)
+command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+promtool --version | head -1
+
+log "services"
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
+fi
+if ! mysqladmin -h 127.0.0.1 -uroot status >/dev/null 2>&1; then
+  as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+fi
+for _ in $(seq 1 60); do
+  pg_isready -q -h 127.0.0.1 -p 5432 && mysqladmin -h 127.0.0.1 -uroot status >/dev/null 2>&1 && break
+  sleep 1
+done
+pg_isready -h 127.0.0.1 -p 5432
+mysqladmin -h 127.0.0.1 -uroot status
+
+PY=${PYTHON:-python3}
+log "virtualenv (.venv, SQLAlchemy 2.1)"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' -r requirements-dev.txt 2>&1 \
+  | { grep -v '^WARNING: Location' || true; }
+.venv/bin/python -c 'import sqlalchemy, sys; print("python", sys.version.split()[0], "sqlalchemy", sqlalchemy.__version__)'
+
+log "lint and types"
+.venv/bin/ruff check sqlprobe tests benchmarks examples dashboards
+.venv/bin/ruff format --check sqlprobe tests benchmarks examples dashboards
+.venv/bin/mypy
+
+log "tests (SQLAlchemy 2.1)"
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+[ $rc -eq 5 ] && { echo "pytest collected no tests"; exit 1; }
+[ $rc -ne 0 ] && exit $rc
+
+log "smoke tests (SQLAlchemy 2.0)"
+[ -x .venv-sa20/bin/python ] || "$PY" -m venv .venv-sa20
+.venv-sa20/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 'sqlalchemy[asyncio]>=2.0,<2.1' 2>&1 \
+  | { grep -v '^WARNING: Location' || true; }
+.venv-sa20/bin/python -c 'import sqlalchemy; print("sqlalchemy", sqlalchemy.__version__)'
+.venv-sa20/bin/python -m pytest -q -p no:cacheprovider -m "smoke and not soak"
