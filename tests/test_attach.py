@@ -168,8 +168,10 @@ async def test_async_engine_is_attached_through_its_sync_engine(
     assert sqlprobe.attach(async_pg_engine.sync_engine, registry=registry) is probe
     async with async_pg_engine.connect() as conn:
         for _ in range(3):
-            await conn.execute(text("SELECT 1"))
-    assert total(registry, CALLS, engine="postgresql://127.0.0.1:5432/test") == 3
+            await conn.execute(text("SELECT 1 AS sqlprobe_async_probe"))
+    mine = [s for s in probe.statements() if "sqlprobe_async_probe" in s.statement]
+    assert [s.calls for s in mine] == [3]
+    assert probe.name == "postgresql://127.0.0.1:5432/test"
     probe.detach()
 
 

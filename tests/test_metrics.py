@@ -163,6 +163,8 @@ def test_executemany_counts_one_call(
 def test_threads_lose_no_count(pg_engine: Engine, registry: CollectorRegistry) -> None:
     """N statements from 8 threads at once give exactly N calls and N histogram observations."""
     engine = create_engine(pg_engine.url, pool_size=8, max_overflow=0)
+    with engine.connect():
+        pass  # first connect: SQLAlchemy 2.0 runs its dialect set-up queries here
     probe = sqlprobe.attach(engine, registry=registry)
     per_thread = 250
     barrier = threading.Barrier(8)
@@ -215,10 +217,12 @@ async def test_asyncpg_counts_and_errors(async_pg_engine: Any, registry: Collect
     """An AsyncEngine on asyncpg is counted like a sync one, errors included."""
     from sqlalchemy.exc import DBAPIError
 
+    async with async_pg_engine.connect():
+        pass  # first connect: SQLAlchemy 2.0 runs its dialect set-up queries here
     probe = sqlprobe.attach(async_pg_engine, registry=registry)
     async with async_pg_engine.connect() as conn:
         for i in range(5):
-            await conn.execute(text("SELECT :i"), {"i": i})
+            await conn.execute(text("SELECT CAST(:i AS INTEGER)"), {"i": i})
         with pytest.raises(DBAPIError) as info:
             await conn.execute(text("SELECT * FROM sqlprobe_missing_async"))
     assert total(registry, CALLS) == 6

@@ -1,0 +1,633 @@
+"""sqlprobe's benchmark suite: every figure of benchmarks/RESULTS.md, in one run.
+
+    .venv/bin/python benchmarks/suite.py --write benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/suite.py --quick          # a short smoke run
+
+Sections:
+
+1. Per-statement cost, variants interleaved round by round (bare SQLAlchemy; sqlprobe
+   metrics only; + pool and transaction metrics; + spans; + sqlcommenter;
+   opentelemetry-instrumentation-sqlalchemy without and with its commenter), on SQLite
+   in-memory and PostgreSQL, Core and ORM, sync and async (asyncpg). Spans use the same
+   SDK set-up for both tools: a TracerProvider with a BatchSpanProcessor and an exporter
+   that drops everything.
+2. Checkout + statement (a connection from the pool per statement), where the pool
+   metrics do their work.
+3. Fingerprinting: a new 1 KB statement; a cached lookup.
+4. /metrics scrape time with 500 shapes on each of 3 engines.
+5. Memory after 1,000,000 distinct literal-laden statement shapes.
+6. Throughput with 1, 2, 4 and 8 threads against PostgreSQL, bare vs attached.
+
+Medians everywhere; min and max where they mean something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy import create_engine, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session
+
+import sqlprobe
+
+sys.path.insert(0, os.path.dirname(__file__))
+import contextlib
+
+from bench_statements import PG_URL, QUERY, environment, items, metadata
+
+PG_ASYNC_URL = PG_URL.replace("+psycopg", "+asyncpg")
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class Item(_Base):
+    __table__ = items
+    id: Mapped[int]
+    name: Mapped[str]
+
+
+ORM_QUERY = select(Item).where(Item.id == 1)
+
+
+# -- variants ---------------------------------------------------------------------------
+
+Teardown = Callable[[], None]
+
+
+@dataclass
+class Variant:
+    name: str
+    setup: Callable[[Any], Teardown]
+
+
+def _tracer_provider() -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class NullExporter(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(NullExporter()))
+    return provider
+
+
+def _with_parent(provider: Any) -> Callable[[], Any]:
+    """A sampled parent span, as in a traced request, so every variant makes its spans."""
+    tracer = provider.get_tracer("bench")
+    return lambda: tracer.start_as_current_span("request")
+
+
+def _bare(engine: Any) -> Teardown:
+    return lambda: None
+
+
+def _metrics_only(engine: Any) -> Teardown:
+    from sqlprobe import _pool
+
+    # The suite measures the pool feature's share separately: switch it off here only.
+    original = _pool.install
+    _pool.install = lambda probe: None  # type: ignore[assignment]
+    try:
+        probe = sqlprobe.attach(engine, registry=CollectorRegistry(), n_plus_one_threshold=0)
+    finally:
+        _pool.install = original  # type: ignore[assignment]
+    return probe.detach
+
+
+def _metrics_pool(engine: Any) -> Teardown:
+    probe = sqlprobe.attach(engine, registry=CollectorRegistry(), n_plus_one_threshold=0)
+    return probe.detach
+
+
+def _default(engine: Any) -> Teardown:
+    import structlog
+
+    # A benchmark loop repeats one SELECT in a transaction: N+1 detection reports it
+    # (once); the event goes nowhere so that only its cost is measured.
+    quiet = structlog.wrap_logger(structlog.ReturnLogger())
+    probe = sqlprobe.attach(engine, registry=CollectorRegistry(), logger=quiet)
+    return probe.detach
+
+
+def _spans(provider: Any, commenter: bool | str = False) -> Callable[[Any], Teardown]:
+    def setup(engine: Any) -> Teardown:
+        probe = sqlprobe.attach(
+            engine,
+            registry=CollectorRegistry(),
+            tracer_provider=provider,
+            sqlcommenter=commenter,
+            n_plus_one_threshold=0,
+        )
+        return probe.detach
+
+    return setup
+
+
+def _otel_instrumentation(provider: Any, commenter: bool) -> Callable[[Any], Teardown]:
+    def setup(engine: Any) -> Teardown:
+        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+        instrumentor = SQLAlchemyInstrumentor()
+        # The instrumentor is a process-wide singleton that silently ignores a second
+        # instrument() call; clear its flag so each variant's engine is instrumented.
+        instrumentor._is_instrumented_by_opentelemetry = False
+        sync = getattr(engine, "sync_engine", engine)
+        instrumentor.instrument(
+            engine=sync,
+            tracer_provider=provider,
+            enable_commenter=commenter,
+            skip_dep_check=True,
+        )
+
+        def teardown() -> None:
+            # uninstrument() removes every engine's listeners at once (a class-level
+            # list); later teardowns then find nothing to remove.
+            instrumentor._is_instrumented_by_opentelemetry = True
+            with contextlib.suppress(Exception):
+                instrumentor.uninstrument()
+
+        return teardown
+
+    return setup
+
+
+def variants(with_otel: bool) -> list[Variant]:
+    out = [
+        Variant("bare", _bare),
+        Variant("sqlprobe metrics only", _metrics_only),
+        Variant("sqlprobe + pool/tx metrics", _metrics_pool),
+        Variant("sqlprobe defaults (+ N+1)", _default),
+    ]
+    if with_otel:
+        provider = _tracer_provider()
+        out += [
+            Variant("sqlprobe + spans", _spans(provider)),
+            Variant("sqlprobe + spans + sqlcommenter", _spans(provider, True)),
+            Variant("otel-instrumentation-sqlalchemy", _otel_instrumentation(provider, False)),
+            Variant(
+                "otel-instrumentation-sqlalchemy + commenter",
+                _otel_instrumentation(provider, True),
+            ),
+        ]
+    return out
+
+
+def _otel_available() -> bool:
+    try:
+        import opentelemetry.instrumentation.sqlalchemy
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- per-statement -----------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    name: str
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def _fill(engine: Engine) -> None:
+    metadata.drop_all(engine)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(items.insert(), [{"id": i, "name": f"n{i}"} for i in range(1, 101)])
+
+
+def per_statement(
+    url: str, vs: list[Variant], *, mode: str, rounds: int, batch: int, parent: Any = None
+) -> list[Series]:
+    """Median seconds per statement for each variant, interleaved round by round."""
+    in_memory = url == "sqlite://"
+    if not in_memory:
+        seed = create_engine(url)
+        _fill(seed)
+        seed.dispose()
+    runners: list[tuple[Variant, Callable[[int], None], Teardown]] = []
+    for v in vs:
+        engine = create_engine(url)
+        if in_memory:
+            _fill(engine)
+        teardown = v.setup(engine)
+        if mode == "core":
+            conn = engine.connect()
+
+            def run(n: int, conn: Any = conn) -> None:
+                execute = conn.execute
+                for _ in range(n):
+                    execute(QUERY).all()
+
+            close: Callable[[], None] = conn.close
+        elif mode == "orm":
+            session = Session(engine)
+
+            def run(n: int, session: Session = session) -> None:
+                execute = session.execute
+                for _ in range(n):
+                    execute(ORM_QUERY).scalars().all()
+                    session.expunge_all()
+
+            close = session.close
+        elif mode == "checkout":
+
+            def run(n: int, engine: Engine = engine) -> None:
+                for _ in range(n):
+                    with engine.connect() as c:
+                        c.execute(QUERY).all()
+
+            close = lambda: None  # noqa: E731
+        else:
+            raise ValueError(mode)
+        run(200)
+
+        def done(
+            teardown: Teardown = teardown, close: Any = close, engine: Engine = engine
+        ) -> None:
+            close()
+            teardown()
+            engine.dispose()
+
+        runners.append((v, run, done))
+    results = {v.name: Series(v.name) for v in vs}
+    perf = time.perf_counter
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for v, run, _ in runners:
+                if parent is not None:
+                    with parent():
+                        start = perf()
+                        run(batch)
+                        elapsed = perf() - start
+                else:
+                    start = perf()
+                    run(batch)
+                    elapsed = perf() - start
+                results[v.name].samples.append(elapsed / batch)
+            gc.enable()
+            gc.collect()
+            gc.disable()
+    finally:
+        gc.enable()
+        for _, _, done in runners:
+            done()
+    return [results[v.name] for v in vs]
+
+
+def per_statement_async(
+    url: str, vs: list[Variant], *, rounds: int, batch: int, parent: Any = None
+) -> list[Series]:
+    """The same for an AsyncEngine (asyncpg)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    seed = create_engine(PG_URL)
+    _fill(seed)
+    seed.dispose()
+
+    async def main() -> list[Series]:
+        runners = []
+        for v in vs:
+            engine = create_async_engine(url)
+            teardown = v.setup(engine)
+            conn = await engine.connect()
+            for _ in range(200):
+                (await conn.execute(QUERY)).all()
+            runners.append((v, engine, conn, teardown))
+        results = {v.name: Series(v.name) for v in vs}
+        perf = time.perf_counter
+        for _ in range(rounds):
+            for v, _e, conn, _t in runners:
+                ctx = parent() if parent is not None else None
+                if ctx is not None:
+                    ctx.__enter__()
+                start = perf()
+                for _ in range(batch):
+                    (await conn.execute(QUERY)).all()
+                elapsed = perf() - start
+                if ctx is not None:
+                    ctx.__exit__(None, None, None)
+                results[v.name].samples.append(elapsed / batch)
+        for _v, engine, conn, teardown in runners:
+            await conn.close()
+            teardown()
+            await engine.dispose()
+        return [results[v.name] for v in vs]
+
+    return asyncio.run(main())
+
+
+def table(title: str, rows: list[Series], baseline: dict[str, float] | None = None) -> str:
+    bare = rows[0].median
+    out = [
+        f"#### {title}",
+        "",
+        "| variant | median µs | min µs | max µs | added µs | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r.name} | {r.median * 1e6:.2f} | {min(r.samples) * 1e6:.2f} | "
+            f"{max(r.samples) * 1e6:.2f} | {(r.median - bare) * 1e6:+.2f} | {r.median / bare:.3f} |"
+        )
+    by = {r.name: r.median - bare for r in rows}
+    ours, theirs = by.get("sqlprobe + spans"), by.get("otel-instrumentation-sqlalchemy")
+    if ours is not None and theirs:
+        out.append("")
+        out.append(
+            f"Spans: sqlprobe adds {ours * 1e6:.2f} µs, the OTel instrumentation "
+            f"{theirs * 1e6:.2f} µs: **{ours / theirs:.2f}×** (target ≤ 0.6×)."
+        )
+    ours_c = by.get("sqlprobe + spans + sqlcommenter")
+    theirs_c = by.get("otel-instrumentation-sqlalchemy + commenter")
+    if ours_c is not None and theirs_c:
+        out.append(
+            f"With sqlcommenter: sqlprobe adds {ours_c * 1e6:.2f} µs, the instrumentation "
+            f"{theirs_c * 1e6:.2f} µs: **{ours_c / theirs_c:.2f}×** (target ≤ 0.3×)."
+        )
+    return "\n".join(out)
+
+
+# -- fingerprinting, scrape, memory, threads -------------------------------------------
+
+
+def fingerprinting(n: int) -> str:
+    from sqlprobe._fingerprint import analyze
+
+    def statement(i: int) -> str:
+        cols = ", ".join(f"t.col_{j} AS c{j}_{i}" for j in range(20))
+        sql = (
+            f"SELECT {cols} FROM orders_{i % 7} AS t WHERE t.id IN ({i}, {i + 1}, {i + 2}) "
+            f"AND t.note = 'customer {i} said ''hello''' AND t.amount > {i}.25 "
+            f"ORDER BY t.created_at DESC LIMIT 50"
+        )
+        return (sql + " " * 1024)[:1024]
+
+    texts = [statement(i) for i in range(n)]
+    new: list[float] = []
+    for t in texts:
+        start = time.perf_counter()
+        analyze(t)
+        new.append(time.perf_counter() - start)
+
+    registry = CollectorRegistry()
+    engine = create_engine("sqlite://")
+    probe = sqlprobe.attach(engine, registry=registry)
+    collector = probe.collector
+    assert collector is not None
+    hot = texts[0]
+    collector.entry(hot)
+    cached: list[float] = []
+    for _ in range(21):
+        start = time.perf_counter()
+        for _ in range(10_000):
+            collector.entry(hot)
+        cached.append((time.perf_counter() - start) / 10_000)
+    probe.detach()
+    return (
+        "#### Fingerprinting\n\n"
+        "| case | median µs | min µs | max µs | target |\n|---|---:|---:|---:|---|\n"
+        f"| new 1 KB statement (normalize + hash) | {statistics.median(new) * 1e6:.1f} | "
+        f"{min(new) * 1e6:.1f} | {max(new) * 1e6:.1f} | ≤ 30 µs |\n"
+        f"| cached statement (cache lookup) | {statistics.median(cached) * 1e6:.3f} | "
+        f"{min(cached) * 1e6:.3f} | {max(cached) * 1e6:.3f} | ≤ 0.5 µs |"
+    )
+
+
+def scrape(shapes: int = 500, engines: int = 3) -> str:
+    registry = CollectorRegistry()
+    probes = []
+    for e in range(engines):
+        engine = create_engine("sqlite://")
+        probes.append((engine, sqlprobe.attach(engine, registry=registry, name=f"db{e}")))
+        with engine.connect() as conn:
+            for i in range(shapes):
+                conn.exec_driver_sql(f"SELECT {i} AS col_{i}")
+    body = generate_latest(registry)
+    series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+    times = []
+    for _ in range(31):
+        start = time.perf_counter()
+        generate_latest(registry)
+        times.append(time.perf_counter() - start)
+    for engine, probe in probes:
+        probe.detach()
+        engine.dispose()
+    return (
+        "#### /metrics scrape\n\n"
+        f"{engines} engines × {shapes} shapes: {series} series, {len(body) / 1024:.0f} KiB; "
+        f"`generate_latest` median **{statistics.median(times) * 1e3:.1f} ms** "
+        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}; target ≤ 50 ms)."
+    )
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 1024 / 1024
+
+
+def memory(n: int) -> str:
+    registry = CollectorRegistry()
+    engine = create_engine("sqlite://")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    probe = sqlprobe.attach(engine, registry=registry)
+    gc.collect()
+    before = _rss_mb()
+    start = time.perf_counter()
+    with engine.connect() as conn:
+        for i in range(n):
+            conn.exec_driver_sql(f"SELECT {i} AS c_{i}, 'secret-{i}' AS note_{i}, {i}.5 AS x")
+    elapsed = time.perf_counter() - start
+    gc.collect()
+    after = _rss_mb()
+    assert probe.collector is not None
+    entries, chars = probe.collector.cache_size()
+    stats = probe.statements()
+    other = next((s.calls for s in stats if s.fingerprint == "_other"), 0)
+    probe.detach()
+    engine.dispose()
+    return (
+        "#### Memory under distinct shapes\n\n"
+        f"{n:,} distinct statement shapes (each with literals) through one engine in "
+        f"{elapsed:.0f} s: RSS {before:.1f} → {after:.1f} MB, growth "
+        f"**{after - before:.1f} MB** (target ≤ 50 MB); text cache {entries} entries / "
+        f"{chars / 1024:.0f} KiB; {len(stats) - (1 if other else 0)} shapes exported, "
+        f"{other:,} statements counted under `_other`."
+    )
+
+
+def throughput(url: str, seconds: float) -> str:
+    engine_bare = create_engine(url, pool_size=8)
+    _fill(engine_bare)
+    lines = [
+        "#### Throughput against PostgreSQL (statements/s, all threads together)",
+        "",
+        "| threads | bare | attached | attached / bare |",
+        "|---:|---:|---:|---:|",
+    ]
+
+    def measure(engine: Engine, threads: int) -> float:
+        counts = [0] * threads
+        stop = time.monotonic() + seconds
+        barrier = threading.Barrier(threads)
+
+        def work(k: int) -> None:
+            with engine.connect() as conn:
+                barrier.wait()
+                n = 0
+                while time.monotonic() < stop:
+                    for _ in range(50):
+                        conn.execute(QUERY).all()
+                    n += 50
+                counts[k] = n
+
+        ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        return sum(counts) / seconds
+
+    engine_att = create_engine(url, pool_size=8)
+    probe = sqlprobe.attach(engine_att, registry=CollectorRegistry())
+    for threads in (1, 2, 4, 8):
+        bare, att = [], []
+        for _ in range(3):
+            bare.append(measure(engine_bare, threads))
+            att.append(measure(engine_att, threads))
+        b, a = statistics.median(bare), statistics.median(att)
+        lines.append(f"| {threads} | {b:,.0f} | {a:,.0f} | {a / b:.3f} |")
+    probe.detach()
+    engine_att.dispose()
+    engine_bare.dispose()
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="sqlprobe benchmark suite")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--write")
+    parser.add_argument(
+        "--skip", default="", help="comma list: statements,async,fp,scrape,memory,threads"
+    )
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    q = args.quick
+    rounds, batch = (5, 300) if q else (31, 2000)
+    with_otel = _otel_available()
+    vs = variants(with_otel)
+    parent = None
+    if with_otel:
+        from opentelemetry.sdk.trace import TracerProvider
+
+        parent = _with_parent(TracerProvider())
+
+    out = [
+        "# Benchmark results",
+        "",
+        environment(),
+        "",
+        "Command: `"
+        + " ".join(["python", "benchmarks/suite.py", *(argv if argv is not None else sys.argv[1:])])
+        + "`",
+        "",
+    ]
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        print(flush=True)
+        out.append(text)
+        out.append("")
+
+    if "statements" not in skip:
+        emit("### Per statement (primary-key SELECT; spans under a sampled parent span)")
+        emit(
+            table(
+                f"SQLite in-memory, Core ({rounds}×{batch})",
+                per_statement(
+                    "sqlite://", vs, mode="core", rounds=rounds, batch=batch, parent=parent
+                ),
+            )
+        )
+        emit(
+            table(
+                f"SQLite in-memory, ORM ({rounds}×{batch // 2})",
+                per_statement(
+                    "sqlite://", vs, mode="orm", rounds=rounds, batch=batch // 2, parent=parent
+                ),
+            )
+        )
+        pr, pb = max(5, rounds // 2), max(200, batch // 4)
+        emit(
+            table(
+                f"PostgreSQL psycopg, Core ({pr}×{pb})",
+                per_statement(PG_URL, vs, mode="core", rounds=pr, batch=pb, parent=parent),
+            )
+        )
+        emit(
+            table(
+                f"PostgreSQL psycopg, ORM ({pr}×{pb // 2})",
+                per_statement(PG_URL, vs, mode="orm", rounds=pr, batch=pb // 2, parent=parent),
+            )
+        )
+        emit(
+            table(
+                f"SQLite in-memory, checkout + statement ({rounds}×{batch // 2})",
+                per_statement(
+                    "sqlite://", vs[:4], mode="checkout", rounds=rounds, batch=batch // 2
+                ),
+            )
+        )
+    if "async" not in skip:
+        pr, pb = max(5, rounds // 2), max(200, batch // 4)
+        emit(
+            table(
+                f"PostgreSQL asyncpg (AsyncEngine), Core ({pr}×{pb})",
+                per_statement_async(PG_ASYNC_URL, vs, rounds=pr, batch=pb, parent=parent),
+            )
+        )
+    if "fp" not in skip:
+        emit(fingerprinting(300 if q else 3000))
+    if "scrape" not in skip:
+        emit(scrape())
+    if "memory" not in skip:
+        emit(memory(50_000 if q else 1_000_000))
+    if "threads" not in skip:
+        emit(throughput(PG_URL, 1.0 if q else 3.0))
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
