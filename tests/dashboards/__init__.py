@@ -1,0 +1,1 @@
+"""Tests of the dashboards, the Prometheus rules and the docker-compose stack."""
