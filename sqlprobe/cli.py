@@ -137,6 +137,7 @@ def run_demo(
         stop["now"] = True
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    previous_term = signal.signal(signal.SIGTERM, on_sigint)
 
     def n_plus_one_page(session: Session) -> None:
         with sqlprobe.scope("GET /users"):
@@ -204,7 +205,7 @@ def run_demo(
             while not stop["now"]:
                 if iterations is not None and done >= iterations:
                     break
-                if iterations is None and time.monotonic() - started >= duration:
+                if iterations is None and duration and time.monotonic() - started >= duration:
                     break
                 with Session(engine) as session:
                     for step in steps:
@@ -222,6 +223,7 @@ def run_demo(
                 )
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         elapsed = time.monotonic() - started
         stats = probe.statements()
         _print_table(console, stats)
@@ -275,7 +277,10 @@ def _parser() -> argparse.ArgumentParser:
         help=f"database URL (default: an embedded SQLite file, ./{DEFAULT_SQLITE_FILE})",
     )
     demo.add_argument(
-        "--duration", type=float, default=30.0, help="seconds to run (default 30)"
+        "--duration",
+        type=float,
+        default=30.0,
+        help="seconds to run (default 30; 0 runs until Ctrl-C or SIGTERM)",
     )
     demo.add_argument(
         "--iterations", type=int, default=None, help="stop after this many iterations instead"
