@@ -1,0 +1,193 @@
+"""Where a statement came from: the first application frame on the stack.
+
+The walk runs only for statements that are already slow (the slow-query sinks), never
+on the statement path, so its cost (tens of microseconds) is paid a few times a minute
+at most, not per statement.
+
+Which frames are *not* the application's
+----------------------------------------
+A frame is skipped when its file belongs to:
+
+* sqlprobe itself or SQLAlchemy (by package directory, so editable installs count);
+* the standard library (under ``sysconfig``'s ``stdlib``/``platstdlib`` paths but not
+  in a ``site-packages``/``dist-packages`` directory below them, plus frozen modules);
+* a package in :data:`LIBRARY_PACKAGES` (database drivers, greenlet, the integrations
+  that wrap SQLAlchemy calls), recognised by the top-level name of the frame's module.
+
+Code generated with ``exec`` (SQLAlchemy's decorators) has a file name like
+``<string>``; it is judged by its module name alone.
+
+Async engines
+-------------
+With an ``AsyncEngine``/``AsyncSession`` the statement runs inside a greenlet that
+SQLAlchemy's ``greenlet_spawn`` started from the application's coroutine: the
+greenlet's own stack ends at the sync function it runs and holds only SQLAlchemy
+frames. ``greenlet_spawn`` created that greenlet with the coroutine's greenlet as its
+*parent*, and the parent is suspended inside ``greenlet_spawn`` (in ``switch()``), so
+``parent.gr_frame`` is that frame and its ``f_back`` chain runs through SQLAlchemy's
+async wrappers up to the application's coroutine. When a greenlet's stack holds no
+application frame, the walk continues in its parent's suspended stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import sysconfig
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+__all__ = ["LIBRARY_PACKAGES", "SourceFinder"]
+
+#: Top-level packages whose frames never count as the application's: database
+#: drivers, greenlet, and libraries that call SQLAlchemy on the application's behalf.
+LIBRARY_PACKAGES: frozenset[str] = frozenset(
+    {
+        "sqlalchemy",
+        "sqlprobe",
+        "greenlet",
+        "gevent",
+        "eventlet",
+        "psycopg",
+        "psycopg2",
+        "psycopg_pool",
+        "psycopg_binary",
+        "asyncpg",
+        "pymysql",
+        "MySQLdb",
+        "mysql",
+        "mariadb",
+        "aiomysql",
+        "asyncmy",
+        "aiosqlite",
+        "pysqlite2",
+        "oracledb",
+        "cx_Oracle",
+        "pyodbc",
+        "pymssql",
+        "aioodbc",
+        "pg8000",
+        "opentelemetry",
+        "structlog",
+        "flask_sqlalchemy",
+        "sqlmodel",
+    }
+)
+
+#: Frames inspected per greenlet, and greenlet hops, before the walk gives up.
+MAX_FRAMES = 256
+MAX_GREENLET_HOPS = 8
+
+#: Decisions cached per file name; cleared when full (the set of loaded files is
+#: small in practice, the bound is for the pathological case).
+MAX_CACHED_FILES = 4096
+
+
+def _package_dir(module: Any) -> str:
+    return os.path.dirname(os.path.abspath(str(module.__file__))) + os.sep
+
+
+def _stdlib_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    roots: set[str] = set()
+    for key in ("stdlib", "platstdlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            roots.add(os.path.abspath(path) + os.sep)
+            roots.add(os.path.realpath(path) + os.sep)
+    return tuple(roots), (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+
+class SourceFinder:
+    """Finds ``path.py:LINE in function`` of the first application frame.
+
+    Built once per probe at attach time (the package directories, the stdlib paths and
+    greenlet's ``getcurrent`` are looked up here, not per call).
+    """
+
+    def __init__(self) -> None:
+        import sqlalchemy
+
+        import sqlprobe
+
+        self._own_dirs = (_package_dir(sqlprobe), _package_dir(sqlalchemy))
+        self._stdlib, self._site_markers = _stdlib_dirs()
+        self._cache: dict[str, bool] = {}
+        self._lock = threading.Lock()
+        self._getcurrent: Callable[[], Any] | None
+        try:
+            self._getcurrent = importlib.import_module("greenlet").getcurrent
+        except ImportError:  # pragma: no cover - greenlet ships with SQLAlchemy's asyncio
+            self._getcurrent = None
+
+    def is_library(self, frame: FrameType) -> bool:
+        """Whether ``frame`` belongs to sqlprobe, SQLAlchemy, the stdlib or a driver."""
+        filename = frame.f_code.co_filename
+        module = frame.f_globals.get("__name__")
+        top = module.partition(".")[0] if isinstance(module, str) else ""
+        if filename.startswith("<"):
+            return filename.startswith("<frozen") or top in LIBRARY_PACKAGES
+        cached = self._cache.get(filename)
+        if cached is not None:
+            return cached
+        decision = self._decide(filename, top)
+        with self._lock:
+            if len(self._cache) >= MAX_CACHED_FILES:
+                self._cache.clear()
+            self._cache[filename] = decision
+        return decision
+
+    def _decide(self, filename: str, top: str) -> bool:
+        if top in LIBRARY_PACKAGES:
+            return True
+        path = os.path.abspath(filename)
+        if path.startswith(self._own_dirs):
+            return True
+        if path.startswith(self._stdlib):
+            return not any(marker in path for marker in self._site_markers)
+        return False
+
+    def application_frame(self, frame: FrameType | None) -> FrameType | None:
+        """The first application frame from ``frame`` outwards, crossing greenlets."""
+        greenlet = self._getcurrent() if self._getcurrent is not None else None
+        hops = 0
+        while True:
+            steps = 0
+            while frame is not None and steps < MAX_FRAMES:
+                if not self.is_library(frame):
+                    return frame
+                frame = frame.f_back
+                steps += 1
+            parent = getattr(greenlet, "parent", None)
+            if parent is None or hops >= MAX_GREENLET_HOPS:
+                return None
+            greenlet = parent
+            frame = getattr(parent, "gr_frame", None)
+            hops += 1
+
+    def source(self, frame: FrameType | None) -> str:
+        """``path.py:LINE in function`` (relative to the cwd when under it), or ``""``."""
+        found = self.application_frame(frame)
+        if found is None:
+            return ""
+        return describe(found)
+
+
+def describe(frame: FrameType) -> str:
+    """``path.py:LINE in function`` of one frame; the path is relative to the cwd if under it."""
+    filename = frame.f_code.co_filename
+    if not filename.startswith("<"):
+        try:
+            cwd = os.getcwd() + os.sep
+        except OSError:
+            cwd = ""
+        if cwd and filename.startswith(cwd):
+            filename = filename[len(cwd) :]
+    return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+
+def caller_frame() -> FrameType:
+    """The frame of whoever called the caller of this function."""
+    return sys._getframe(2)
