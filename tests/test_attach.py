@@ -273,3 +273,17 @@ def test_slow_queries_are_counted(sqlite_engine: Engine, registry: CollectorRegi
     labels = {"engine": probe.name or "", "operation": "SELECT"}
     assert sample(registry, "sqlprobe_slow_queries_total", **labels) == 3
     probe.detach()
+
+
+def test_import_does_no_work() -> None:
+    """Importing sqlprobe (and its pytest plugin) imports neither SQLAlchemy nor prometheus_client."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sqlprobe, sqlprobe.pytest_plugin\n"
+        "heavy = [m for m in ('sqlalchemy', 'prometheus_client', 'structlog') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert callable(sqlprobe.attach) and 'sqlalchemy' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
