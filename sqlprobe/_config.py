@@ -147,7 +147,7 @@ def _check_name(value: object) -> str | None:
 
 def _check_sqlcommenter(value: object) -> SqlcommenterMode:
     if value is False or value is True or value == "static":
-        return value  # type: ignore[return-value]
+        return value
     raise ValueError(f"sqlcommenter must be False, True or 'static', got {value!r}")
 
 

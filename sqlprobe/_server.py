@@ -97,6 +97,6 @@ def start_http_server(
         client_capath=client_capath,
         client_auth_required=client_auth_required,
     )
-    server._sqlprobe_tls = certfile is not None
+    server._sqlprobe_tls = certfile is not None  # type: ignore[attr-defined]
     bound_addr, bound_port = server.server_address[:2]
     return MetricsServer(addr=str(bound_addr), port=int(bound_port), _server=server, _thread=thread)

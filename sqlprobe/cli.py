@@ -72,7 +72,11 @@ def _install_sqlite_sleep(engine: Any) -> None:
     # deliberately slow query is slow in the database, as it would be elsewhere.
     @event.listens_for(engine, "connect")
     def _register(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.create_function("sqlprobe_sleep", 1, lambda s: time.sleep(s) or 1)
+        def sleep(seconds: float) -> int:
+            time.sleep(seconds)
+            return 1
+
+        dbapi_connection.create_function("sqlprobe_sleep", 1, sleep)
 
 
 def run_demo(
@@ -180,10 +184,10 @@ def run_demo(
         except DBAPIError:
             session.rollback()
 
-    steps: list[Callable[[Session], None]] = [
+    steps: list[Callable[[Session], object]] = [
         n_plus_one_page,
         eager_pages,
-        lambda s: user_statistics(s) and None,
+        user_statistics,
         articles,
         rolled_back,
     ]
