@@ -138,6 +138,9 @@ class Collector:
         self._cache: dict[str, Entry] = {}
         self._cache_chars = 0
         self._cache_lock = threading.Lock()
+        #: (statement, entry) of an uncacheable statement, from entry_before_observe()
+        #: to the observe()/failed() call that follows it (matched by identity).
+        self._handoff: tuple[str, Entry] | None = None
         self._last_logged: dict[str, float] = {}
 
     # -- sinks ----------------------------------------------------------------------
@@ -163,6 +166,17 @@ class Collector:
             entry = self._miss(statement)
         return entry
 
+    def entry_before_observe(self, statement: str) -> Entry:
+        """:meth:`entry` for a hook that runs just before :meth:`observe` or :meth:`failed`
+        of the same statement (the OTel hook): the entry of a statement too long to cache
+        is handed on to that call instead of being computed twice."""
+        entry = self._cache.get(statement)
+        if entry is None:
+            entry = self._miss(statement)
+            if len(statement) > CACHE_MAX_STATEMENT:
+                self._handoff = (statement, entry)
+        return entry
+
     def observe(
         self,
         statement: str,
@@ -172,8 +186,13 @@ class Collector:
         context: Any,
         parameters: Any,
         batch_size: int,
+        span: Any = None,
     ) -> None:
-        """Account for a statement that succeeded; never raises."""
+        """Account for a statement that succeeded; never raises.
+
+        ``span`` is the SpanContext the OTel hook linked to this statement (``_otel``):
+        it becomes the duration histogram's exemplar and ``record.span``.
+        """
         try:
             entry = self._cache.get(statement)
             if entry is None:
@@ -181,7 +200,7 @@ class Collector:
             rows = cursor.rowcount
             if type(rows) is not int:
                 rows = -1
-            self.series.observe(entry[1], entry[2], elapsed, rows)
+            self.series.observe(entry[1], entry[2], elapsed, rows, span)
             if elapsed >= self.threshold:
                 self.series.observe_slow(entry[2])
                 if self.slow_sinks:
@@ -196,6 +215,7 @@ class Collector:
                         parameters,
                         context,
                         None,
+                        span,
                     )
             if self.sinks:
                 self._dispatch(
@@ -209,15 +229,16 @@ class Collector:
                     parameters,
                     context,
                     None,
+                    span,
                 )
+            per_statement = self.per_statement
+            if per_statement is not None:
+                try:
+                    per_statement(entry, context)
+                except Exception:
+                    self.internal_error("nplusone")
         except Exception:
             self.internal_error("collector")
-        per_statement = self.per_statement
-        if per_statement is not None:
-            try:
-                per_statement(entry, context)
-            except Exception:
-                self.internal_error("nplusone")
 
     def failed(
         self,
@@ -228,6 +249,7 @@ class Collector:
         parameters: Any,
         batch_size: int,
         error: BaseException,
+        span: Any = None,
     ) -> None:
         """Account for a statement whose execution raised; never raises.
 
@@ -239,7 +261,7 @@ class Collector:
             entry = self._cache.get(statement)
             if entry is None:
                 entry = self._miss(statement)
-            self.series.observe(entry[1], entry[2], elapsed, -1)
+            self.series.observe(entry[1], entry[2], elapsed, -1, span)
             sinks = self.sinks + self.slow_sinks if elapsed >= self.threshold else self.sinks
             if elapsed >= self.threshold:
                 self.series.observe_slow(entry[2])
@@ -255,6 +277,7 @@ class Collector:
                     parameters,
                     context,
                     error,
+                    span,
                 )
         except Exception:
             self.internal_error("collector")
@@ -279,6 +302,7 @@ class Collector:
         parameters: Any,
         context: Any,
         error: BaseException | None,
+        span: Any = None,
     ) -> None:
         record = StatementRecord(
             self.engine_name,
@@ -292,6 +316,7 @@ class Collector:
             context,
             error,
         )
+        record.span = span
         for sink in sinks:
             try:
                 sink.on_statement(record)
@@ -299,6 +324,10 @@ class Collector:
                 self.internal_error(sink.stage)
 
     def _miss(self, statement: str) -> Entry:
+        handoff = self._handoff
+        if handoff is not None and handoff[0] is statement:
+            self._handoff = None
+            return handoff[1]
         if not isinstance(statement, str):
             statement = str(statement)
         shape = analyze(statement)

@@ -1,16 +1,606 @@
-"""OpenTelemetry spans, OTel metrics, exemplars and sqlcommenter."""
+"""OpenTelemetry: statement spans, trace-linked exemplars, OTel metrics, sqlcommenter.
+
+OpenTelemetry is optional (the ``otel`` extra). Nothing here imports it until an
+engine is attached, and :func:`install` decides once per engine which execution
+listener the engine gets (see ``_hooks.install_traced_hooks``):
+
+* no ``opentelemetry`` package, no sqlcommenter, no ``meter_provider``: the plain
+  metrics-only listeners stay; OTel costs nothing at all;
+* an SDK ``TracerProvider`` (the ``tracer_provider`` option, else the global one):
+  **spans mode**, one CLIENT span per statement;
+* any other provider (the API's default proxy before an SDK is configured, a NoOp):
+  **ambient mode**: no span of ours, only a cheap look at the active span so that
+  exemplars, slow-query records and the official instrumentation's span still get
+  trace ids. If the global proxy later resolves to an SDK provider, the engine moves
+  to spans mode by itself.
+
+Spans are created *after* the statement, with explicit start and end times taken from
+the same ``perf_counter`` readings as the Prometheus metrics (converted to epoch
+nanoseconds with an offset computed at attach), so span and histogram agree exactly
+and the driver call is not slowed by span bookkeeping. The parent is the context
+active when the statement ran: the thread's, or the asyncio task's for an AsyncEngine
+(SQLAlchemy's greenlets run in the task's context). When the parent span is valid but
+not sampled no span is started at all; with no parent the SDK's sampler decides.
+
+Span contents follow the stable database semantic conventions: name
+``{operation} {table}`` (else the operation, else ``db.system.name``; a statement whose
+operation is ``OTHER`` gets no ``db.operation.name``), kind CLIENT, and the attributes
+``db.system.name``, ``db.namespace``, ``db.operation.name``, ``db.collection.name``,
+``db.query.text`` (the *normalized* text, at most ``QUERY_TEXT_MAX`` characters: no
+literal or parameter ever reaches a span),
+``db.query.summary``, ``server.address``, ``server.port``, ``db.operation.batch.size``
+(executemany of two or more rows), ``sqlprobe.fingerprint``. A failed statement's span
+has status ERROR without a description and no exception event (driver messages quote
+values, e.g. the duplicate key), ``error.type`` and, where the driver gives one,
+``db.response.status_code`` (SQLSTATE from psycopg and asyncpg, the error number from
+PyMySQL/MySQLdb, the extended result code from sqlite3).
+
+``error.type`` is the class name the application receives, which is also the
+``error`` label of ``sqlprobe_query_errors_total``: for a DBAPI error that is
+SQLAlchemy's wrapper (``IntegrityError``, ``OperationalError``, ...), worked out the
+way SQLAlchemy picks it (the first class in the driver exception's MRO whose name is a
+``sqlalchemy.exc.DBAPIError`` subclass), because the span is finished before
+SQLAlchemy's ``handle_error`` runs; any other exception keeps its own class name.
+
+Living beside opentelemetry-instrumentation-sqlalchemy: that instrumentation starts
+its span in ``before_cursor_execute`` and keeps it on the execution context (it is not
+made current). When sqlprobe finds that span it creates none of its own: it adds
+``sqlprobe.fingerprint`` and ``db.query.summary`` to it and uses its ids for
+exemplars and slow-query records, so each statement has exactly one span.
+
+Exemplars: whatever span is linked to a statement (ours, the instrumentation's, or
+in ambient mode the active sampled span) becomes the ``trace_id``/``span_id``
+exemplar of its ``sqlprobe_query_duration_seconds`` bucket, visible in OpenMetrics
+exposition. prometheus_client's multiprocess mode drops exemplars.
+
+OTel metrics (only with the ``meter_provider`` option; the global meter provider is
+never used): ``db.client.operation.duration`` (seconds, with the probe's buckets as
+advisory boundaries) and, when the pool feature is attached, the connection metrics
+``db.client.connection.count`` (``db.client.connection.state`` idle/used),
+``.max``, ``.wait_time``, ``.use_time``, ``.create_time`` and ``.timeouts``.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from ._hooks import install_traced_hooks
 
 if TYPE_CHECKING:
-    from ._probe import Probe
+    from ._probe import EngineInfo, Probe
 
 __all__ = ["install"]
 
+#: Statement shapes whose span name and attributes are kept ready per engine.
+ATTRIBUTE_CACHE_MAX = 1024
+#: Shapes whose normalized text is longer are not kept (so the cache holds at most
+#: about ATTRIBUTE_CACHE_MAX * CACHED_TEXT_MAX characters); they are rebuilt per span.
+CACHED_TEXT_MAX = 2048
+#: ``db.query.text`` carries at most this many characters of the normalized text: a
+#: generated multi-megabyte statement must not become a multi-megabyte span (exporters
+#: and backends reject those); the fingerprint still covers the whole text.
+QUERY_TEXT_MAX = 4096
+#: Exception classes whose ``error.type`` is remembered per engine.
+ERROR_CACHE_MAX = 64
+#: Instrumentation scope of our spans and metrics.
+SCOPE_NAME = "sqlprobe"
+
 
 def install(probe: Probe) -> Callable[[], None] | None:
-    """Wire this feature into a newly attached probe; return its undo function."""
+    """Choose and install this engine's execution listener; return the undo function."""
+    options = probe.options
+    info = probe.info
+    collector = probe.collector
+    engine = probe.engine
+    if options is None or info is None or collector is None or engine is None:
+        return None
+    sync_engine = getattr(engine, "sync_engine", engine)
+    try:
+        from opentelemetry import trace as trace_api
+    except ImportError:
+        trace_api = None  # type: ignore[assignment]
+
+    internal_error = collector.internal_error
+    undo: list[Callable[[], None]] = []
+    trace_fn = None
+    if trace_api is not None:
+        _load_constants()
+        provider = options.tracer_provider or trace_api.get_tracer_provider()
+        trace_fn = _Tracing(probe, info, provider).trace
+    if options.meter_provider is not None:
+        metrics = _Metrics(probe, info, options.meter_provider)
+        undo.append(metrics.close)
+        trace_fn = metrics.wrap(trace_fn)
+
+    from . import _sqlcommenter
+
+    trace_context = _trace_context_fn() if trace_api is not None else None
+    comment = _sqlcommenter.build(
+        options.sqlcommenter,
+        driver=info.driver,
+        dbapi=getattr(sync_engine.dialect, "loaded_dbapi", None),
+        paramstyle=sync_engine.dialect.paramstyle,
+        trace_context=trace_context,
+        on_error=internal_error,
+    )
+    if trace_fn is None and comment is None:
+        return None
+    listeners = install_traced_hooks(
+        sync_engine,
+        collector,
+        list(probe._listeners),
+        trace=trace_fn,
+        comment=comment[0] if comment else None,
+        comment_no_params=comment[1] if comment else None,
+    )
+    probe.add_listeners(listeners)
+
+    def uninstall() -> None:
+        for fn in reversed(undo):
+            fn()
+
+    return uninstall
+
+
+def _trace_context_fn() -> Callable[[], tuple[str, str] | None]:
+    """A function giving the W3C ``traceparent``/``tracestate`` of the current span."""
+    from opentelemetry.trace import get_current_span
+
+    def trace_context() -> tuple[str, str] | None:
+        ctx = get_current_span().get_span_context()
+        if not ctx.is_valid:
+            return None
+        traceparent = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+        return traceparent, ctx.trace_state.to_header() if ctx.trace_state else ""
+
+    return trace_context
+
+
+def _status_code(exc: BaseException) -> str | None:
+    """SQLSTATE (psycopg, asyncpg), MySQL error number, or sqlite3's result code.
+
+    MySQL and MariaDB report their own error number (``1062``), which the semantic
+    conventions prefer over the coarse SQLSTATE class some drivers also expose.
+    """
+    for err in (exc, exc.__cause__):
+        if err is None:
+            continue
+        args = getattr(err, "args", ())
+        if (
+            args
+            and type(args[0]) is int
+            and type(err).__module__.split(".")[0] in ("pymysql", "MySQLdb")
+        ):
+            return str(args[0])
+        sqlstate = getattr(err, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate:
+            return sqlstate
+        code = getattr(err, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return str(code)
     return None
+
+
+class _Tracing:
+    """The per-engine span maker (or ambient span reader) behind ``trace``."""
+
+    def __init__(self, probe: Probe, info: EngineInfo, provider: Any) -> None:
+        from opentelemetry import trace as trace_api
+
+        assert probe.collector is not None
+        self._api = trace_api
+        self._current_span = trace_api.get_current_span
+        self._entry = probe.collector.entry_before_observe
+        self._internal_error = probe.collector.internal_error
+        engine = probe.engine
+        dialect = getattr(engine, "sync_engine", engine).dialect
+        self.error_type = _error_namer(dialect)
+        self._dialect = dialect
+        self._system = info.system
+        # A MariaDB server is known only once the dialect has connected; the first new
+        # shape (always after the first connect) corrects the name then.
+        self._check_mariadb = info.system == "mysql"
+        constant: dict[str, Any] = {"db.system.name": info.system}
+        if info.database and info.system != "sqlite":
+            constant["db.namespace"] = info.database
+        if info.host:
+            constant["server.address"] = info.host
+            if info.port:
+                constant["server.port"] = info.port
+        self._constant = constant
+        self._attrs: dict[str, tuple[str, dict[str, Any]]] = {}
+        # perf_counter() seconds -> epoch nanoseconds, fixed for the probe's life.
+        self._offset_ns = time.time_ns() - int(time.perf_counter() * 1e9)
+        self._proxy = False
+        self._tracer: Any = None
+        if _is_sdk_provider(provider):
+            self._set_tracer(provider)
+        else:
+            self._proxy = type(provider).__name__ == "ProxyTracerProvider"
+            self.trace = self._ambient  # type: ignore[method-assign]
+
+    # -- attach-time ------------------------------------------------------------------
+
+    def _set_tracer(self, provider: Any) -> None:
+        from . import __version__ as version
+
+        self._tracer = provider.get_tracer(
+            SCOPE_NAME, version, schema_url="https://opentelemetry.io/schemas/1.26.0"
+        )
+        self.trace = self._spans  # type: ignore[method-assign]
+
+    def shape_attributes(self, statement: str) -> tuple[str, dict[str, Any]]:
+        """Span name and attributes of a statement's shape (cached per fingerprint)."""
+        shape = self._entry(statement)[0]
+        cached = self._attrs.get(shape.fingerprint)
+        if cached is not None:
+            return cached
+        if self._check_mariadb and getattr(self._dialect, "is_mariadb", False):
+            self._check_mariadb = False
+            self._system = "mariadb"
+            self._constant = {**self._constant, "db.system.name": "mariadb"}
+        attrs = dict(self._constant)
+        operation, table = shape.operation, shape.table
+        summary = f"{operation} {table}" if table else operation
+        if operation == "OTHER":
+            name = self._system
+        else:
+            name = summary
+            attrs["db.operation.name"] = operation
+            attrs["db.query.summary"] = summary
+        if table:
+            attrs["db.collection.name"] = table
+        normalized = shape.normalized
+        attrs["db.query.text"] = normalized[:QUERY_TEXT_MAX]
+        attrs["sqlprobe.fingerprint"] = shape.fingerprint
+        result = (name, attrs)
+        if len(self._attrs) < ATTRIBUTE_CACHE_MAX and len(normalized) <= CACHED_TEXT_MAX:
+            self._attrs[shape.fingerprint] = result
+        return result
+
+    # -- statement path -----------------------------------------------------------------
+
+    def trace(
+        self,
+        statement: str,
+        start: float,
+        elapsed: float,
+        batch: int,
+        context: Any,
+        error: BaseException | None,
+    ) -> Any:
+        """Replaced in ``__init__`` by the spans or the ambient variant."""
+        raise NotImplementedError
+
+    def _enrich(self, theirs: Any, statement: str) -> Any:
+        if not theirs.is_recording():
+            return None
+        shape = self._entry(statement)[0]
+        theirs.set_attribute("sqlprobe.fingerprint", shape.fingerprint)
+        table = shape.table
+        if shape.operation != "OTHER":
+            summary = f"{shape.operation} {table}" if table else shape.operation
+            theirs.set_attribute("db.query.summary", summary)
+        return theirs.get_span_context()
+
+    def _spans(
+        self,
+        statement: str,
+        start: float,
+        elapsed: float,
+        batch: int,
+        context: Any,
+        error: BaseException | None,
+    ) -> Any:
+        try:
+            theirs = getattr(context, "_otel_span", None)
+            if theirs is not None:
+                return self._enrich(theirs, statement)
+            parent = self._current_span().get_span_context()
+            if parent.is_valid and not parent.trace_flags.sampled:
+                return None
+            name, attrs = self.shape_attributes(statement)
+            if batch > 1 or error is not None:
+                attrs = dict(attrs)
+                if batch > 1:
+                    attrs["db.operation.batch.size"] = batch
+                if error is not None:
+                    attrs["error.type"] = self.error_type(error)
+                    code = _status_code(error)
+                    if code is not None:
+                        attrs["db.response.status_code"] = code
+            offset = self._offset_ns
+            span = self._tracer.start_span(
+                name,
+                None,
+                _CLIENT,
+                attrs,
+                None,
+                int(start * 1e9) + offset,
+                False,
+                False,
+            )
+            if error is not None:
+                span.set_status(_ERROR)
+            span.end(int((start + elapsed) * 1e9) + offset)
+            ctx = span.get_span_context()
+            return ctx if ctx.trace_flags.sampled else None
+        except Exception:
+            self._internal_error("otel")
+            return None
+
+    def _ambient(
+        self,
+        statement: str,
+        start: float,
+        elapsed: float,
+        batch: int,
+        context: Any,
+        error: BaseException | None,
+    ) -> Any:
+        if self._tracer is not None:  # the global provider became an SDK one
+            return self._spans(statement, start, elapsed, batch, context, error)
+        try:
+            theirs = getattr(context, "_otel_span", None)
+            if theirs is not None:
+                return self._enrich(theirs, statement)
+            ctx = self._current_span().get_span_context()
+            if not ctx.trace_flags.sampled:
+                return None
+            if self._proxy:
+                # A sampled span exists, so some SDK is configured: if it is the global
+                # provider we were proxying, start making spans from now on.
+                self._proxy = False
+                provider = self._api.get_tracer_provider()
+                if _is_sdk_provider(provider):
+                    self._set_tracer(provider)
+                    return self._spans(statement, start, elapsed, batch, context, error)
+            return ctx
+        except Exception:
+            self._internal_error("otel")
+            return None
+
+
+def _is_sdk_provider(provider: Any) -> bool:
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:
+        return False
+    return isinstance(provider, TracerProvider)
+
+
+def _load_constants() -> None:
+    global _CLIENT, _ERROR
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
+    _CLIENT = SpanKind.CLIENT
+    _ERROR = Status(StatusCode.ERROR)
+
+
+_CLIENT: Any = None
+_ERROR: Any = None
+
+
+class _Metrics:
+    """OTel metrics of one engine on the meter provider the user gave.
+
+    The statement duration is recorded from the same readings as the Prometheus
+    histogram, with attributes built once per statement shape (no fingerprint or query
+    text: those would make the metric's cardinality unbounded). The pool metrics are
+    fed by the pool feature's observer and read from its snapshot when the metric
+    reader collects; without the pool feature they are not created.
+    """
+
+    def __init__(self, probe: Probe, info: EngineInfo, meter_provider: Any) -> None:
+        from . import __version__ as version
+
+        assert probe.collector is not None
+        options = probe.options
+        assert options is not None
+        self._entry = probe.collector.entry_before_observe
+        self._internal_error = probe.collector.internal_error
+        engine = probe.engine
+        dialect = getattr(engine, "sync_engine", engine).dialect
+        self._error_type = _error_namer(dialect)
+        self._dialect = dialect
+        self._closed = False
+        meter = meter_provider.get_meter(
+            SCOPE_NAME, version, schema_url="https://opentelemetry.io/schemas/1.26.0"
+        )
+        self._duration = _histogram(
+            meter,
+            "db.client.operation.duration",
+            "Duration of database client operations.",
+            options.buckets,
+        )
+        constant: dict[str, Any] = {"db.system.name": info.system}
+        if info.database and info.system != "sqlite":
+            constant["db.namespace"] = info.database
+        if info.host:
+            constant["server.address"] = info.host
+            if info.port:
+                constant["server.port"] = info.port
+        self._constant = constant
+        self._check_mariadb = info.system == "mysql"
+        self._attrs: dict[str, dict[str, Any]] = {}
+        self._pool: Any = getattr(probe, "pool", None)
+        self._observer: Any = None
+        if self._pool is not None:
+            self._install_pool(self._pool, meter, info.name, options.buckets)
+
+    def _install_pool(
+        self, pool: Any, meter: Any, pool_name: str, buckets: tuple[float, ...]
+    ) -> None:
+        from opentelemetry.metrics import Observation
+
+        attrs = {"db.client.connection.pool.name": pool_name}
+        idle_attrs = {**attrs, "db.client.connection.state": "idle"}
+        used_attrs = {**attrs, "db.client.connection.state": "used"}
+
+        def count(_options: Any) -> list[Any]:
+            if self._closed:
+                return []
+            idle, used, _max = pool.snapshot()
+            return [Observation(idle, idle_attrs), Observation(used, used_attrs)]
+
+        def limit(_options: Any) -> list[Any]:
+            if self._closed:
+                return []
+            _idle, _used, most = pool.snapshot()
+            return [] if most is None else [Observation(most, attrs)]
+
+        meter.create_observable_up_down_counter(
+            "db.client.connection.count",
+            [count],
+            unit="{connection}",
+            description="The number of connections that are currently in the state "
+            "described by the state attribute.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.max",
+            [limit],
+            unit="{connection}",
+            description="The maximum number of open connections allowed.",
+        )
+        wait = _histogram(
+            meter,
+            "db.client.connection.wait_time",
+            "The time it took to obtain an open connection from the pool.",
+            buckets,
+        )
+        use = _histogram(
+            meter,
+            "db.client.connection.use_time",
+            "The time between borrowing a connection and returning it to the pool.",
+            buckets,
+        )
+        create = _histogram(
+            meter,
+            "db.client.connection.create_time",
+            "The time it took to create a new connection.",
+            buckets,
+        )
+        timeouts = meter.create_counter(
+            "db.client.connection.timeouts",
+            unit="{timeout}",
+            description="The number of connection timeouts that have occurred trying to "
+            "obtain a connection from the pool.",
+        )
+
+        class Observer:
+            def wait(self, seconds: float) -> None:
+                wait.record(seconds, attrs)
+
+            def use(self, seconds: float) -> None:
+                use.record(seconds, attrs)
+
+            def create(self, seconds: float) -> None:
+                create.record(seconds, attrs)
+
+            def timeout(self) -> None:
+                timeouts.add(1, attrs)
+
+        self._observer = Observer()
+        pool.add_observer(self._observer)
+
+    def attributes(self, statement: str) -> dict[str, Any]:
+        """Metric attributes of a statement's shape (cached per fingerprint)."""
+        shape = self._entry(statement)[0]
+        cached = self._attrs.get(shape.fingerprint)
+        if cached is not None:
+            return cached
+        if self._check_mariadb and getattr(self._dialect, "is_mariadb", False):
+            self._check_mariadb = False
+            self._constant = {**self._constant, "db.system.name": "mariadb"}
+        attrs = dict(self._constant)
+        if shape.operation != "OTHER":
+            attrs["db.operation.name"] = shape.operation
+        if shape.table:
+            attrs["db.collection.name"] = shape.table
+        if len(self._attrs) < ATTRIBUTE_CACHE_MAX:
+            self._attrs[shape.fingerprint] = attrs
+        return attrs
+
+    def wrap(self, trace_fn: Any) -> Any:
+        """A statement hook that records the duration, then runs ``trace_fn`` if any."""
+        record = self._duration.record
+        attributes = self.attributes
+        error_type = self._error_type
+        internal_error = self._internal_error
+
+        def metered(
+            statement: str,
+            start: float,
+            elapsed: float,
+            batch: int,
+            context: Any,
+            error: BaseException | None,
+        ) -> Any:
+            try:
+                attrs = attributes(statement)
+                if error is not None:
+                    attrs = {**attrs, "error.type": error_type(error)}
+                    code = _status_code(error)
+                    if code is not None:
+                        attrs["db.response.status_code"] = code
+                record(elapsed, attrs)
+            except Exception:
+                internal_error("otel_metrics")
+            if trace_fn is None:
+                return None
+            return trace_fn(statement, start, elapsed, batch, context, error)
+
+        return metered
+
+    def close(self) -> None:
+        """Stop reporting: observable callbacks go quiet, the pool observer is removed."""
+        self._closed = True
+        if self._observer is not None:
+            self._pool.remove_observer(self._observer)
+
+
+def _histogram(meter: Any, name: str, description: str, buckets: tuple[float, ...]) -> Any:
+    try:
+        return meter.create_histogram(
+            name,
+            unit="s",
+            description=description,
+            explicit_bucket_boundaries_advisory=list(buckets),
+        )
+    except TypeError:  # opentelemetry-api before 1.23 has no advisory boundaries
+        return meter.create_histogram(name, unit="s", description=description)
+
+
+def _error_namer(dialect: Any) -> Callable[[BaseException], str]:
+    """``error.type`` of an exception: the class name the application receives.
+
+    For a DBAPI error that is SQLAlchemy's wrapper, found the way SQLAlchemy finds it
+    (the first class in the driver exception's MRO whose name is a
+    ``sqlalchemy.exc.DBAPIError`` subclass, else ``DBAPIError``); any other exception
+    keeps its own class name. Cached per exception class (bounded).
+    """
+    dbapi_error = getattr(getattr(dialect, "loaded_dbapi", None), "Error", None)
+    names: dict[type, str] = {}
+
+    def error_type(exc: BaseException) -> str:
+        cls = type(exc)
+        name = names.get(cls)
+        if name is not None:
+            return name
+        name = cls.__name__
+        if isinstance(dbapi_error, type) and isinstance(exc, dbapi_error):
+            from sqlalchemy import exc as sa_exc
+
+            name = "DBAPIError"
+            for base in cls.__mro__:
+                wrapper = getattr(sa_exc, base.__name__, None)
+                if isinstance(wrapper, type) and issubclass(wrapper, sa_exc.DBAPIError):
+                    name = wrapper.__name__
+                    break
+        if len(names) < ERROR_CACHE_MAX:
+            names[cls] = name
+        return name
+
+    return error_type

@@ -121,6 +121,8 @@ class Probe:
         self._attached = False
         self.info: EngineInfo | None = None
         self.collector: Collector | None = None
+        #: Pool metrics and their observers (``_pool.PoolMetrics``); None for the global probe.
+        self.pool: Any = None
 
     # -- public -------------------------------------------------------------------
 

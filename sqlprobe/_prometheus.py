@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from time import time
 from typing import Any
 
 from prometheus_client.metrics_core import (
@@ -26,6 +27,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 
 __all__ = [
     "INFO_STATEMENT_LIMIT",
@@ -49,7 +51,13 @@ PRESET_OPERATIONS = ("SELECT", "INSERT", "UPDATE", "DELETE")
 
 
 class Histogram:
-    """Bucket counts (not cumulative) and a sum; ``exemplars`` hold one per bucket or None."""
+    """Bucket counts (not cumulative) and a sum; ``exemplars`` hold one per bucket or None.
+
+    An exemplar slot holds either a prometheus_client ``Exemplar`` or, as the statement
+    path stores it, a raw ``(span_context, value, timestamp)`` tuple: formatting the
+    trace and span ids as hex is left to the scrape, which sees only the last exemplar
+    of each bucket.
+    """
 
     __slots__ = ("counts", "exemplars", "total")
 
@@ -67,10 +75,18 @@ class Histogram:
             acc += count
             le = _format_le(bounds[i]) if i < len(bounds) else "+Inf"
             if exemplars is not None and exemplars[i] is not None:
-                buckets.append((le, acc, exemplars[i]))
+                buckets.append((le, acc, _exemplar(exemplars[i])))
             else:
                 buckets.append((le, acc))
         return buckets, acc, self.total
+
+
+def _exemplar(raw: Any) -> Exemplar:
+    if isinstance(raw, Exemplar):
+        return raw
+    ctx, value, timestamp = raw
+    labels = {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
+    return Exemplar(labels, value, timestamp)
 
 
 def _format_le(bound: float) -> str:
@@ -137,15 +153,13 @@ class EngineSeries:
     (new shapes, errors, scrapes) is rare and may take the same lock.
     """
 
-    def __init__(
-        self, name: str, buckets: tuple[float, ...], max_fingerprints: int
-    ) -> None:
+    def __init__(self, name: str, buckets: tuple[float, ...], max_fingerprints: int) -> None:
         self.name = name
         self.bounds = buckets
         self.max_fingerprints = max_fingerprints
         self.lock = threading.Lock()
         self.shapes: dict[str, ShapeStats] = {}
-        self.other = ShapeStats(OTHER, "OTHER", "", "(shapes beyond max_fingerprints)")
+        self.other = self._new_shape(OTHER, "OTHER", "", "(shapes beyond max_fingerprints)")
         self.ops: dict[str, OpStats] = {}
         self.errors: dict[tuple[str, str], int] = {}
         self.error_classes: set[str] = set()
@@ -153,12 +167,29 @@ class EngineSeries:
         #: Other parts of sqlprobe (pool, N+1, transactions) add their series here.
         self.parts: list[Callable[[Families, str], None]] = []
         for op in PRESET_OPERATIONS:
-            self.ops[op] = OpStats(len(buckets) + 1)
+            self.ops[op] = self._new_op(op)
+
+    def _new_shape(self, fingerprint: str, operation: str, table: str, text: str) -> ShapeStats:
+        """Make the stats of a new shape (multiprocess mode adds its own series here)."""
+        return ShapeStats(fingerprint, operation, table, text)
+
+    def _new_op(self, operation: str) -> OpStats:
+        """Make the per-operation series of a new operation."""
+        return OpStats(len(self.bounds) + 1)
 
     # -- statement path -------------------------------------------------------------
 
-    def observe(self, stats: ShapeStats, op: OpStats, elapsed: float, rows: int) -> None:
-        """Count one statement execution of ``elapsed`` seconds that reported ``rows``."""
+    def observe(
+        self, stats: ShapeStats, op: OpStats, elapsed: float, rows: int, span: Any = None
+    ) -> None:
+        """Count one statement execution of ``elapsed`` seconds that reported ``rows``.
+
+        ``span`` (an OpenTelemetry SpanContext, or None) becomes the exemplar of the
+        duration bucket the observation falls in, so a latency panel links to the trace
+        of a recent statement in each bucket. Exemplars are shown only in OpenMetrics
+        exposition, and prometheus_client's multiprocess mode drops them (its files
+        hold values only): under gunicorn workers there are no exemplars.
+        """
         i = bisect_left(self.bounds, elapsed)
         with self.lock:
             stats.calls += 1
@@ -168,6 +199,11 @@ class EngineSeries:
             hist = op.hist
             hist.counts[i] += 1
             hist.total += elapsed
+            if span is not None:
+                exemplars = hist.exemplars
+                if exemplars is None:
+                    exemplars = hist.exemplars = [None] * len(hist.counts)
+                exemplars[i] = (span, elapsed, time())
 
     def observe_slow(self, op: OpStats) -> None:
         """Count one statement over the slow-query threshold."""
@@ -186,7 +222,7 @@ class EngineSeries:
             if stats is None:
                 if len(self.shapes) >= self.max_fingerprints:
                     return self.other
-                stats = self.shapes[fingerprint] = ShapeStats(
+                stats = self.shapes[fingerprint] = self._new_shape(
                     fingerprint, operation, table, statement
                 )
             return stats
@@ -196,7 +232,9 @@ class EngineSeries:
         stats = self.ops.get(operation)
         if stats is None:
             with self.lock:
-                stats = self.ops.setdefault(operation, OpStats(len(self.bounds) + 1))
+                stats = self.ops.get(operation)
+                if stats is None:
+                    stats = self.ops[operation] = self._new_op(operation)
         return stats
 
     def observe_error(self, operation: str, error: str) -> None:

@@ -34,9 +34,22 @@ probes: weakref.WeakKeyDictionary[Any, Probe] = weakref.WeakKeyDictionary()
 _exporters: dict[int, tuple[CollectorRegistry, PrometheusExporter]] = {}
 
 
+_multiprocess_exporter: list[PrometheusExporter] = []
+
+
 def exporter_for(registry: CollectorRegistry) -> PrometheusExporter:
-    """The exporter registered on ``registry``, registering one on first use."""
+    """The exporter registered on ``registry``, registering one on first use.
+
+    In prometheus_client's multiprocess mode there is one exporter per process,
+    registered nowhere: its values go to the multiprocess files (``_multiprocess``).
+    """
+    from ._multiprocess import MultiprocessExporter, multiprocess_active
+
     with lock:
+        if multiprocess_active():
+            if not _multiprocess_exporter:
+                _multiprocess_exporter.append(MultiprocessExporter())
+            return _multiprocess_exporter[0]
         found = _exporters.get(id(registry))
         if found is not None and found[0] is registry:
             return found[1]
