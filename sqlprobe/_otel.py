@@ -9,9 +9,11 @@ listener the engine gets (see ``_hooks.install_traced_hooks``):
 * an SDK ``TracerProvider`` (the ``tracer_provider`` option, else the global one):
   **spans mode**, one CLIENT span per statement;
 * any other provider (the API's default proxy before an SDK is configured, a NoOp):
-  **ambient mode**: no span of ours, only a cheap look at the active span so that
-  exemplars, slow-query records and the official instrumentation's span still get
-  trace ids. If the global proxy later resolves to an SDK provider, the engine moves
+  **ambient mode**: no span of ours, only a look at the active span, at most once per
+  ``AMBIENT_INTERVAL`` (10 ms) per engine, so that exemplars still link to traces
+  made by someone else's SDK without paying the lookup on every statement; the
+  official instrumentation's span (kept on the execution context) is found on every
+  statement. If the global proxy later resolves to an SDK provider, the engine moves
   to spans mode by itself.
 
 Spans are created *after* the statement, with explicit start and end times taken from
@@ -84,6 +86,9 @@ CACHED_TEXT_MAX = 2048
 QUERY_TEXT_MAX = 4096
 #: Exception classes whose ``error.type`` is remembered per engine.
 ERROR_CACHE_MAX = 64
+#: Without an SDK tracer provider, the active span is looked up (for exemplars) at most
+#: this often per engine, in seconds.
+AMBIENT_INTERVAL = 0.01
 #: Instrumentation scope of our spans and metrics.
 SCOPE_NAME = "sqlprobe"
 
@@ -214,6 +219,7 @@ class _Tracing:
         # perf_counter() seconds -> epoch nanoseconds, fixed for the probe's life.
         self._offset_ns = time.time_ns() - int(time.perf_counter() * 1e9)
         self._proxy = False
+        self._next_look = 0.0
         self._tracer: Any = None
         if _is_sdk_provider(provider):
             self._set_tracer(provider)
@@ -346,6 +352,12 @@ class _Tracing:
             theirs = getattr(context, "_otel_span", None)
             if theirs is not None:
                 return self._enrich(theirs, statement)
+            # Looking up the active span costs about a microsecond, more than the rest
+            # of the metrics path; here it only feeds exemplars (one per bucket is
+            # kept), so look at most once per AMBIENT_INTERVAL per engine.
+            if start < self._next_look:
+                return None
+            self._next_look = start + AMBIENT_INTERVAL
             ctx = self._current_span().get_span_context()
             if not ctx.trace_flags.sampled:
                 return None

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -388,9 +389,15 @@ def test_exemplars_match_spans(
 
 
 def test_noop_provider_makes_no_span_but_links_active_span(
-    sqlite_engine: Engine, registry: CollectorRegistry, tracing: Tracing
+    sqlite_engine: Engine,
+    registry: CollectorRegistry,
+    tracing: Tracing,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With a non-SDK provider no span is made, yet a sampled active span becomes the exemplar."""
+    from sqlprobe import _otel
+
+    monkeypatch.setattr(_otel, "AMBIENT_INTERVAL", 0.0)
     probe = sqlprobe.attach(sqlite_engine, registry=registry, tracer_provider=NoOpTracerProvider())
     try:
         with sqlite_engine.connect() as conn:
@@ -402,6 +409,42 @@ def test_noop_provider_makes_no_span_but_links_active_span(
         assert f"{parent.get_span_context().trace_id:032x}".encode() in generate_latest(registry)
     finally:
         probe.detach()
+
+
+def test_ambient_lookups_are_throttled(
+    sqlite_engine: Engine, registry: CollectorRegistry, tracing: Tracing
+) -> None:
+    """Without an SDK provider the active span is looked up at most once per interval."""
+    from sqlprobe import _otel
+
+    probe = sqlprobe.attach(
+        sqlite_engine,
+        registry=registry,
+        tracer_provider=NoOpTracerProvider(),
+        n_plus_one_threshold=0,
+    )
+    seen: list[object] = []
+    collector = probe.collector
+    assert collector is not None
+
+    class Spy:
+        stage = "spy"
+
+        def on_statement(self, record: Any) -> None:
+            seen.append(record.span)
+
+    collector.add_sink(Spy())
+    try:
+        with sqlite_engine.connect() as conn, tracing.tracer.start_as_current_span("request"):
+            for _ in range(50):
+                conn.execute(text("SELECT 1"))
+            time.sleep(_otel.AMBIENT_INTERVAL * 2)
+            conn.execute(text("SELECT 1"))
+    finally:
+        probe.detach()
+    linked = [s for s in seen if s is not None]
+    assert 2 <= len(linked) < 50
+    assert seen[-1] is not None
 
 
 def test_root_statement_follows_sampler(
@@ -466,6 +509,7 @@ def test_failing_tracer_is_contained(
 
 
 LATE_GLOBAL = """
+import time
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -482,6 +526,7 @@ exporter = InMemorySpanExporter()
 provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(exporter))
 trace.set_tracer_provider(provider)
+time.sleep(0.05)  # past sqlprobe._otel.AMBIENT_INTERVAL since the last look
 with trace.get_tracer("app").start_as_current_span("request"):
     with engine.connect() as conn:
         conn.execute(text("SELECT 2"))
