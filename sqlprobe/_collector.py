@@ -387,13 +387,5 @@ class Collector:
                 error=type(exc).__name__ if exc is not None else "",
                 where=where,
             )
-        except Exception:  # noqa: S110 - the last line of containment must not raise
+        except Exception:
             pass
-
-
-def call_quietly(fn: Callable[[], Any]) -> None:
-    """Run a clean-up callable, swallowing any error (used on detach)."""
-    try:
-        fn()
-    except Exception:  # noqa: S110
-        pass

@@ -12,6 +12,7 @@ cannot touch the application's code; they replace defaults, not the code's choic
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -130,7 +131,7 @@ def _check_buckets(value: object) -> tuple[float, ...]:
         raise ValueError("buckets must contain at least one finite upper bound")
     if any(b <= 0 for b in bounds):
         raise ValueError(f"buckets must be positive, got {value!r}")
-    if any(b2 <= b1 for b1, b2 in zip(bounds, bounds[1:])):
+    if any(b2 <= b1 for b1, b2 in itertools.pairwise(bounds)):
         raise ValueError(f"buckets must be strictly increasing, got {value!r}")
     return tuple(bounds)
 
@@ -158,8 +159,7 @@ def _check_registry(value: object) -> CollectorRegistry:
         return REGISTRY
     if not isinstance(value, CollectorRegistry):
         raise ValueError(
-            "registry must be a prometheus_client.CollectorRegistry, "
-            f"got {type(value).__name__}"
+            f"registry must be a prometheus_client.CollectorRegistry, got {type(value).__name__}"
         )
     return value
 
@@ -176,9 +176,7 @@ def _check_logger(value: object) -> object:
     return value
 
 
-def build_options(
-    kwargs: Mapping[str, Any], environ: Mapping[str, str] | None = None
-) -> Options:
+def build_options(kwargs: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Options:
     """Validate ``attach`` keyword arguments, filling gaps from the environment and defaults."""
     env = os.environ if environ is None else environ
     unknown = set(kwargs) - set(Options.__dataclass_fields__)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -63,9 +63,9 @@ class _Families:
     and the scraping process reads them through ``MultiProcessCollector``.
     """
 
-    _lock = threading.Lock()
-    _by_buckets: dict[tuple[float, ...], _Families] = {}
-    _shared: dict[str, Any] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _by_buckets: ClassVar[dict[tuple[float, ...], _Families]] = {}
+    _shared: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.duration = Histogram(

@@ -186,7 +186,7 @@ class Probe:
             for undo in reversed(self._undo):
                 try:
                     undo()
-                except Exception:  # noqa: S112 - detach removes all it can
+                except Exception:
                     continue
             self._undo.clear()
             self._release()
@@ -340,8 +340,7 @@ def attach(
         sync_engine = getattr(engine, "sync_engine", engine)
         if not isinstance(sync_engine, Engine):
             raise TypeError(
-                "attach() takes a SQLAlchemy Engine or AsyncEngine, "
-                f"got {type(engine).__name__}"
+                f"attach() takes a SQLAlchemy Engine or AsyncEngine, got {type(engine).__name__}"
             )
 
     if not env_enabled():

@@ -112,8 +112,6 @@ def user_statistics(session: Session) -> list[tuple[int, str, int, Decimal | Non
 def deactivate_idle_users(session: Session, since: datetime) -> int:
     """A bulk UPDATE: users with no order since ``since`` become inactive."""
     recent = select(Order.user_id).where(Order.created_at > since)
-    result = session.execute(
-        update(User).where(User.id.not_in(recent)).values(active=False)
-    )
+    result = session.execute(update(User).where(User.id.not_in(recent)).values(active=False))
     session.commit()
     return int(getattr(result, "rowcount", 0) or 0)

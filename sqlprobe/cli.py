@@ -29,7 +29,7 @@ DEFAULT_SQLITE_FILE = "sqlprobe-demo.db"
 
 def _need_rich() -> Any:
     try:
-        import rich  # noqa: F401
+        import rich
     except ImportError:  # pragma: no cover - exercised only without the extra
         sys.exit("sqlprobe demo needs rich for its output: pip install 'sqlprobe[cli]'")
     return rich
@@ -171,7 +171,9 @@ def run_demo(
     def rolled_back(session: Session) -> None:
         try:
             with session.begin_nested():
-                session.add(Order(user_id=1, product_name="gift", amount=0, created_at=datetime(2026, 1, 1)))
+                session.add(
+                    Order(user_id=1, product_name="gift", amount=0, created_at=datetime(2026, 1, 1))
+                )
                 session.flush()
                 raise _Cancelled("payment declined")
         except _Cancelled:
@@ -252,7 +254,12 @@ def _print_table(console: Any, stats: Sequence[Any], limit: int = 10) -> None:
     table.add_column("mean ms", justify="right", no_wrap=True, min_width=7)
     table.add_column("rows", justify="right", no_wrap=True, min_width=5)
     table.add_column("fingerprint", style="dim", no_wrap=True, min_width=16)
-    table.add_column("statement (normalized)", no_wrap=True, overflow="ellipsis", max_width=max(20, min(90, console.width - 64)))
+    table.add_column(
+        "statement (normalized)",
+        no_wrap=True,
+        overflow="ellipsis",
+        max_width=max(20, min(90, console.width - 64)),
+    )
     for s in stats[:limit]:
         table.add_row(
             str(s.calls),

@@ -57,9 +57,7 @@ def logs() -> LogCapture:
 
 def make_logger(capture: LogCapture) -> Any:
     """A structlog logger whose events land in ``capture`` (no global configuration)."""
-    return structlog.wrap_logger(
-        None, processors=[structlog.processors.add_log_level, capture]
-    )
+    return structlog.wrap_logger(None, processors=[structlog.processors.add_log_level, capture])
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def test_several_engines_have_separate_labels(registry: CollectorRegistry) -> No
 
 
 def test_engines_sharing_a_name_add_up(registry: CollectorRegistry) -> None:
-    """Two engines given the same name share one set of series, and detaching one keeps the other's."""
+    """Engines given the same name share their series; detaching one keeps the other's."""
     a = create_engine("sqlite://")
     b = create_engine("sqlite://")
     pa = sqlprobe.attach(a, registry=registry, name="shared")
@@ -143,7 +143,7 @@ def test_dropped_engine_releases_its_series() -> None:
 
 
 def test_global_attach_watches_new_engines(registry: CollectorRegistry) -> None:
-    """attach() without an engine attaches every engine created afterwards, and detach() undoes it."""
+    """attach() without an engine attaches every later engine; detach() undoes it."""
     probe = sqlprobe.attach(registry=registry)
     try:
         engine = create_engine("sqlite://")
@@ -276,13 +276,14 @@ def test_slow_queries_are_counted(sqlite_engine: Engine, registry: CollectorRegi
 
 
 def test_import_does_no_work() -> None:
-    """Importing sqlprobe (and its pytest plugin) imports neither SQLAlchemy nor prometheus_client."""
+    """Importing sqlprobe or its pytest plugin imports neither SQLAlchemy nor prometheus_client."""
     import subprocess
     import sys
 
     code = (
         "import sys, sqlprobe, sqlprobe.pytest_plugin\n"
-        "heavy = [m for m in ('sqlalchemy', 'prometheus_client', 'structlog') if m in sys.modules]\n"
+        "heavy = [m for m in ('sqlalchemy', 'prometheus_client', 'structlog')\n"
+        "         if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert callable(sqlprobe.attach) and 'sqlalchemy' in sys.modules\n"
     )

@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 
 def test_demo_runs_on_embedded_sqlite(tmp_path: Path) -> None:
-    """`sqlprobe demo` runs on a SQLite file, serves /metrics while running, prints top statements."""
+    """`sqlprobe demo` runs on SQLite, serves /metrics while running, prints top statements."""
     port = _free_port()
     env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

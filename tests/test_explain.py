@@ -18,6 +18,8 @@ from sqlprobe._explain import Explainer
 
 from .test_slowlog import SENTINEL, sink_of, slow_events
 
+pytestmark = pytest.mark.smoke
+
 
 def wait_for(logs: LogCapture, marker: str, count: int = 1, timeout: float = 10.0) -> list[Any]:
     """The slow_query events whose statement contains ``marker``, once ``count`` arrived."""

@@ -19,6 +19,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlprobe._fingerprint import OPERATIONS, Shape, analyze, normalize
 
+pytestmark = pytest.mark.smoke
+
 HEX16 = re.compile(r"[0-9a-f]{16}")
 
 

@@ -15,6 +15,8 @@ from sqlprobe.testing import capture
 
 from .conftest import PG_ASYNC_URL, PG_URL, _need
 
+pytestmark = pytest.mark.smoke
+
 USERS = 12
 ORDERS = 3
 

@@ -87,7 +87,10 @@ def test_shapes_rows_and_info_on_each_database(
         assert info[updates[0]]["table"] == items.name
         assert "1" not in info[updates[0]]["statement"].split("=")[1]
         rows = sample(
-            registry, "sqlprobe_statement_rows_total", engine=probe.name or "", fingerprint=updates[0]
+            registry,
+            "sqlprobe_statement_rows_total",
+            engine=probe.name or "",
+            fingerprint=updates[0],
         )
         assert rows == 3
         probe.detach()

@@ -21,6 +21,8 @@ from sqlprobe.middleware import RequestScope, SqlprobeASGIMiddleware, SqlprobeWS
 
 from .conftest import make_logger, total
 
+pytestmark = pytest.mark.smoke
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

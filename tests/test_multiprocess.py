@@ -96,7 +96,7 @@ def test_worker_processes_add_up_exactly(tmp_path: Path, url: str) -> None:
 def test_multiprocess_mode_needs_the_variable_before_import(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Setting PROMETHEUS_MULTIPROC_DIR after prometheus_client was imported keeps the default mode."""
+    """PROMETHEUS_MULTIPROC_DIR set after prometheus_client was imported keeps the default."""
     from sqlprobe._multiprocess import multiprocess_active
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
@@ -130,7 +130,14 @@ def test_gunicorn_workers_aggregate_exactly(tmp_path: Path) -> None:
         "WORKERS": "3",
     }
     proc = subprocess.Popen(
-        [str(gunicorn), "--chdir", str(app_dir), "-c", str(app_dir / "gunicorn.conf.py"), "app:app"],
+        [
+            str(gunicorn),
+            "--chdir",
+            str(app_dir),
+            "-c",
+            str(app_dir / "gunicorn.conf.py"),
+            "app:app",
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -27,6 +27,8 @@ from sqlprobe._scenario import Base, Order, User, seed
 
 from .conftest import make_logger, total
 
+pytestmark = pytest.mark.smoke
+
 N_PLUS_ONE = "sqlprobe_n_plus_one_total"
 
 

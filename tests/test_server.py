@@ -119,7 +119,9 @@ def test_client_certificates_required(registry: CollectorRegistry, tmp_path: Pat
         server.close()
 
 
-def test_awkward_label_values_round_trip(registry: CollectorRegistry, sqlite_engine: Engine) -> None:
+def test_awkward_label_values_round_trip(
+    registry: CollectorRegistry, sqlite_engine: Engine
+) -> None:
     """Quotes, backslashes, newlines and non-ASCII text in labels survive exposition and parsing."""
     name = 'odd "engine" \\ with\nnewline – ünïcødé'
     probe = sqlprobe.attach(sqlite_engine, registry=registry, name=name)

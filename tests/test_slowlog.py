@@ -27,6 +27,8 @@ from sqlprobe._slowlog import (
     SlowQueryLog,
 )
 
+pytestmark = pytest.mark.smoke
+
 FIELDS = {
     "engine",
     "operation",

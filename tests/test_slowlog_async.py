@@ -15,7 +15,7 @@ from sqlprobe._fingerprint import analyze
 
 from .test_slowlog import FIELDS, here, line_after, slow_events
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.smoke]
 
 
 async def test_async_session_events_point_at_the_awaiting_line(

@@ -17,6 +17,8 @@ from sqlprobe import _state
 from sqlprobe._scenario import Base, User, seed
 from sqlprobe.testing import capture
 
+pytestmark = pytest.mark.smoke
+
 
 @pytest.fixture(autouse=True)
 def detach_new_probes() -> Iterator[None]:
