@@ -222,3 +222,158 @@ class MultiprocessExporter(PrometheusExporter):
         counter = _Families._shared.get("internal")
         if counter is not None:
             counter.labels(stage).inc()
+
+
+class _PoolWriter:
+    """Writes one probe's pool and transaction measurements to multiprocess files.
+
+    The scrape-time pool collector cannot see other processes, so in this mode every
+    measurement is also written as it happens, and the idle/used gauges are set from
+    the pool's own state after each event (``livesum``: live workers add up).
+    """
+
+    def __init__(self, probe: Any, buckets: tuple[float, ...]) -> None:
+        engine = probe.name
+        self.pool = probe.pool
+        fam = _pool_families(buckets)
+        self.wait_h = fam["wait"].labels(engine)
+        self.use_h = fam["use"].labels(engine)
+        self.connect_h = fam["connect"].labels(engine)
+        self.txn = {o: fam["txn"].labels(engine, o) for o in ("commit", "rollback")}
+        self.timeouts = fam["timeouts"].labels(engine)
+        self.connects = fam["connects"].labels(engine)
+        self.invalidations = fam["invalidations"].labels(engine)
+        self.idle = fam["connections"].labels(engine, "idle")
+        self.used = fam["connections"].labels(engine, "used")
+        self.max = fam["max"].labels(engine)
+        from sqlalchemy.pool import NullPool
+
+        engine_obj = probe.engine
+        pool = getattr(engine_obj, "sync_engine", engine_obj).pool
+        self.keeps = not isinstance(pool, NullPool)
+        for counter in (self.timeouts, self.connects, self.invalidations):
+            counter.inc(0)
+        self.gauges()
+
+    def gauges(self, returning: bool = False) -> None:
+        idle, used, limit = self.pool.snapshot()
+        if returning and used > 0:
+            # The checkin event fires before the pool takes the connection back: count
+            # it as returned already (a NullPool closes it instead of keeping it).
+            used -= 1
+            if self.keeps:
+                idle += 1
+        self.idle.set(idle)
+        self.used.set(used)
+        if limit is not None:
+            self.max.set(limit)
+
+    def wait(self, seconds: float) -> None:
+        self.wait_h.observe(seconds)
+        self.gauges()
+
+    def use(self, seconds: float) -> None:
+        self.use_h.observe(seconds)
+        self.gauges(returning=True)
+
+    def create(self, seconds: float) -> None:
+        self.connect_h.observe(seconds)
+        self.connects.inc()
+
+    def timeout(self) -> None:
+        self.timeouts.inc()
+
+    def invalidate(self) -> None:
+        self.invalidations.inc()
+        self.gauges()
+
+    def transaction(self, outcome: str, seconds: float) -> None:
+        self.txn[outcome].observe(seconds)
+
+
+_pool_fams: dict[tuple[float, ...], dict[str, Any]] = {}
+_pool_lock = threading.Lock()
+
+
+def _pool_families(buckets: tuple[float, ...]) -> dict[str, Any]:
+    with _pool_lock:
+        found = _pool_fams.get(buckets)
+        if found is not None:
+            return found
+        shared = next(iter(_pool_fams.values()), None)
+
+        def hist(name: str, doc: str, labels: list[str]) -> Any:
+            return Histogram(name, doc, labels, buckets=buckets, registry=None)
+
+        fam = {
+            "wait": hist(
+                "sqlprobe_pool_checkout_wait_seconds",
+                "Time spent waiting for a connection from the pool.",
+                ["engine"],
+            ),
+            "use": hist(
+                "sqlprobe_pool_connection_use_seconds",
+                "Time a connection stayed checked out.",
+                ["engine"],
+            ),
+            "connect": hist(
+                "sqlprobe_pool_connect_seconds",
+                "Time to open a new DBAPI connection.",
+                ["engine"],
+            ),
+            "txn": hist(
+                "sqlprobe_transaction_duration_seconds",
+                "Begin to end of a transaction.",
+                ["engine", "outcome"],
+            ),
+        }
+        if shared is None:
+            fam["timeouts"] = Counter(
+                "sqlprobe_pool_checkout_timeouts",
+                "Checkouts that gave up (pool TimeoutError).",
+                ["engine"],
+                registry=None,
+            )
+            fam["connects"] = Counter(
+                "sqlprobe_pool_connects", "DBAPI connections opened.", ["engine"], registry=None
+            )
+            fam["invalidations"] = Counter(
+                "sqlprobe_pool_invalidations",
+                "Connections invalidated (errors, failed pre-ping, soft).",
+                ["engine"],
+                registry=None,
+            )
+            fam["connections"] = Gauge(
+                "sqlprobe_pool_connections",
+                "Connections now in the pool, by state.",
+                ["engine", "state"],
+                multiprocess_mode="livesum",
+                registry=None,
+            )
+            fam["max"] = Gauge(
+                "sqlprobe_pool_max_connections",
+                "pool_size + max_overflow of the engine's pool.",
+                ["engine"],
+                multiprocess_mode="livesum",
+                registry=None,
+            )
+        else:
+            for key in ("timeouts", "connects", "invalidations", "connections", "max"):
+                fam[key] = shared[key]
+        _pool_fams[buckets] = fam
+        return fam
+
+
+def install(probe: Any) -> Any:
+    """In multiprocess mode, write the probe's pool measurements to the shared files."""
+    if probe.pool is None or not isinstance(
+        getattr(probe.collector, "series", None), MultiprocessSeries
+    ):
+        return None
+    from ._config import DEFAULT_BUCKETS
+    from ._pool import POOL_BUCKETS
+
+    buckets = probe.options.buckets
+    writer = _PoolWriter(probe, POOL_BUCKETS if buckets == DEFAULT_BUCKETS else buckets)
+    probe.pool.add_observer(writer)
+    return lambda: probe.pool.remove_observer(writer)

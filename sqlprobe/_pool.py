@@ -119,6 +119,9 @@ class PoolObserver(Protocol):
     def timeout(self) -> None:
         """A checkout gave up with SQLAlchemy's ``TimeoutError``."""
 
+    # Optional (called when the observer has them): ``invalidate()`` for each counted
+    # invalidation, ``transaction(outcome, seconds)`` for each finished transaction.
+
 
 class _Shared:
     """The pool and transaction series of one ``EngineSeries`` (one engine label)."""
@@ -346,10 +349,12 @@ class PoolMetrics:
             self._collector.internal_error("pool")
             return None
 
-    def _notify(self, name: str, *args: float) -> None:
+    def _notify(self, name: str, *args: Any) -> None:
         for observer in self._observers:
             try:
-                getattr(observer, name)(*args)
+                method = getattr(observer, name, None)
+                if method is not None:  # ``invalidate``/``transaction`` are optional
+                    method(*args)
             except Exception:
                 self._collector.internal_error("pool")
 
@@ -385,14 +390,20 @@ class PoolMetrics:
             self._counted[record] = record.last_connect_time
         with shared.lock:
             shared.invalidations += 1
+        if self._observers:
+            self._notify("invalidate")
 
     def _end_transaction(self, outcome: str, start: float) -> None:
         try:
             shared = self._shared
             assert shared is not None
-            shared.observe(shared.txn[outcome], perf_counter() - start)
+            seconds = perf_counter() - start
+            shared.observe(shared.txn[outcome], seconds)
         except Exception:
             self._collector.internal_error("pool")
+            return
+        if self._observers:
+            self._notify("transaction", outcome, seconds)
 
     # -- PoolEvents listeners ---------------------------------------------------------
 

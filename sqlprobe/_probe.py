@@ -31,9 +31,15 @@ Installer = Callable[["Probe"], "Callable[[], None] | None"]
 
 
 def _installers() -> tuple[Installer, ...]:
-    from . import _nplusone, _otel, _pool, _slowlog
+    from . import _multiprocess, _nplusone, _otel, _pool, _slowlog
 
-    return (_pool.install, _otel.install, _slowlog.install, _nplusone.install)
+    return (
+        _pool.install,
+        _multiprocess.install,
+        _otel.install,
+        _slowlog.install,
+        _nplusone.install,
+    )
 
 
 # Semantic-convention names of the database systems we know; the backend name otherwise.

@@ -58,7 +58,11 @@ def _run_workers(tmp_path: Path, url: str, workers: int, n: int) -> list[int]:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode()
         counts.append(int(out.decode().split()[-1]))
+    PIDS[:] = [p.pid for p in procs]
     return counts
+
+
+PIDS: list[int] = []
 
 
 @pytest.mark.parametrize("url", ["sqlite:///{tmp}/mp.db", PG_URL])
@@ -91,6 +95,25 @@ def test_worker_processes_add_up_exactly(tmp_path: Path, url: str) -> None:
         "sqlprobe_slow_queries_total", {"engine": "mp", "operation": "SELECT"}
     )
     assert slow == 0.0
+    # Pool and transaction series are written by each worker as they happen.
+    assert total(registry, "sqlprobe_pool_connects_total", engine="mp") == workers
+    assert total(registry, "sqlprobe_pool_checkout_wait_seconds_count", engine="mp") == workers
+    rollbacks = total(
+        registry, "sqlprobe_transaction_duration_seconds_count", engine="mp", outcome="rollback"
+    )
+    assert rollbacks == workers
+    assert total(registry, "sqlprobe_pool_connections", engine="mp", state="used") == 0
+    if not url.startswith("sqlite"):
+        assert total(registry, "sqlprobe_pool_connections", engine="mp", state="idle") == workers
+    # Once the server reports the workers dead, their live gauges leave the sum.
+    from prometheus_client import multiprocess
+
+    for pid in PIDS:
+        multiprocess.mark_process_dead(pid, str(tmp_path / "prom"))
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path / "prom"))
+    assert total(registry, "sqlprobe_pool_connections", engine="mp") == 0
+    assert total(registry, "sqlprobe_statement_calls_total", engine="mp") == sum(per_worker)
 
 
 def test_multiprocess_mode_needs_the_variable_before_import(
