@@ -62,6 +62,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import _state
 from ._frames import SourceFinder
 from ._prometheus import OTHER, EngineSeries, Families
 from ._scope import current_scope
@@ -375,7 +376,9 @@ def install(probe: Probe) -> Callable[[], None] | None:
 
     # An engine dropped without detach() must not keep the Session-class listener alive.
     engine = probe.engine
-    finalizer = weakref.finalize(getattr(engine, "sync_engine", engine), release_shared)
+    finalizer = weakref.finalize(
+        getattr(engine, "sync_engine", engine), _state.defer, release_shared
+    )
 
     def undo() -> None:
         if collector.per_statement is detector.on_statement:

@@ -180,6 +180,7 @@ class Probe:
 
     def detach(self) -> None:
         """Remove every listener this probe added; safe to call more than once."""
+        _state.run_deferred()
         with _state.lock:
             if not self._attached:
                 return
@@ -237,8 +238,9 @@ class Probe:
         except BaseException:
             self.detach()
             raise
-        # An engine dropped without detach() must not leave its series behind.
-        weakref.finalize(sync_engine, self._release)
+        # An engine dropped without detach() must not leave its series behind (the
+        # clean-up runs at the next safe point, see _state.defer).
+        weakref.finalize(sync_engine, _state.defer, self._release)
 
     def add_listeners(self, listeners: list[Listener]) -> None:
         """Own listeners some installer registered; targets are held weakly."""
@@ -340,6 +342,7 @@ def attach(
     if buckets is not None:
         kwargs["buckets"] = buckets
     options = build_options(kwargs)
+    _state.run_deferred()
 
     sync_engine: Engine | None = None
     if engine is not None:

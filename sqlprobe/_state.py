@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -22,13 +24,39 @@ from ._prometheus import PrometheusExporter
 if TYPE_CHECKING:
     from ._probe import Probe
 
-__all__ = ["exporter_for", "lock", "probes", "release_exporter"]
+__all__ = ["defer", "exporter_for", "lock", "probes", "release_exporter", "run_deferred"]
 
 #: Guards every structure in this module (attach and detach are rare; no hot path here).
 lock = threading.RLock()
 
 #: Attached engines (``Engine``, never ``AsyncEngine``: the sync engine is the key).
 probes: weakref.WeakKeyDictionary[Any, Probe] = weakref.WeakKeyDictionary()
+
+#: Clean-ups of engines that were garbage-collected while attached. A weakref
+#: callback runs wherever the garbage collector happens to run, possibly inside a
+#: ``with lock:`` of the same thread; taking any lock there could deadlock, so the
+#: callback only queues its clean-up (``deque.append`` takes no lock of ours) and the
+#: queue is drained at safe points: attach, detach and every scrape.
+_deferred: deque[Callable[[], None]] = deque()
+
+
+def defer(fn: Callable[[], None]) -> None:
+    """Queue a clean-up for the next safe point (callable from a weakref callback)."""
+    _deferred.append(fn)
+
+
+def run_deferred() -> None:
+    """Run queued clean-ups; call with no sqlprobe lock held. Never raises."""
+    while True:
+        try:
+            fn = _deferred.popleft()
+        except IndexError:
+            return
+        try:
+            fn()
+        except Exception:  # a failed clean-up must not stop the others
+            continue
+
 
 #: registry id -> (registry, exporter); the registry is kept to make the id unambiguous.
 _exporters: dict[int, tuple[CollectorRegistry, PrometheusExporter]] = {}

@@ -288,3 +288,18 @@ def test_import_does_no_work() -> None:
         "assert callable(sqlprobe.attach) and 'sqlalchemy' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_engine_collected_while_sqlprobe_holds_a_lock() -> None:
+    """An engine collected inside one of sqlprobe's locks queues its clean-up: no deadlock."""
+    from sqlprobe import _nplusone, _state
+
+    registry = CollectorRegistry()
+    engine = create_engine("sqlite://")
+    sqlprobe.attach(engine, registry=registry, name="gc-in-lock")
+    _run(engine)
+    exporter = _state.exporter_for(registry)
+    del engine
+    with exporter.lock, _nplusone._listeners_lock:
+        gc.collect()  # the engine's finalizers run here and must not take these locks
+    assert total(registry, CALLS, engine="gc-in-lock") == 0  # the scrape ran the clean-up

@@ -253,6 +253,7 @@ def test_threshold_zero_installs_nothing(demo_engine: Engine, registry: Collecto
 def test_orm_listener_removed_with_last_probe(registry: CollectorRegistry) -> None:
     """The Session-class listener lives while a probe detects N+1; detach or GC ends it."""
     gc.collect()  # engines other tests dropped without detach() release their share
+    _state.run_deferred()  # (at the next safe point: attach, detach or a scrape)
     base = _nplusone._orm_users
     one, two = create_engine("sqlite://"), create_engine("sqlite://")
     first = sqlprobe.attach(one, registry=registry, name="one")
@@ -272,6 +273,7 @@ def test_orm_listener_removed_with_last_probe(registry: CollectorRegistry) -> No
         conn.exec_driver_sql("SELECT 1")
     del three, conn
     gc.collect()
+    _state.run_deferred()
     assert _nplusone._orm_users == base
 
 
