@@ -373,8 +373,15 @@ def table(title: str, rows: list[Series], baseline: dict[str, float] | None = No
     if ours_c is not None and theirs_c:
         out.append(
             f"With sqlcommenter: sqlprobe adds {ours_c * 1e6:.2f} µs, the instrumentation "
-            f"{theirs_c * 1e6:.2f} µs: **{ours_c / theirs_c:.2f}×** (target ≤ 0.3×)."
+            f"{theirs_c * 1e6:.2f} µs: **{ours_c / theirs_c:.2f}×** in total."
         )
+        if ours is not None and theirs and theirs_c > theirs:
+            own, their_own = ours_c - ours, theirs_c - theirs
+            out.append(
+                f"The commenter's own cost (on top of spans): sqlprobe {own * 1e6:+.2f} µs, "
+                f"the instrumentation {their_own * 1e6:+.2f} µs: "
+                f"**{own / their_own:.2f}×** (target ≤ 0.3×)."
+            )
     return "\n".join(out)
 
 

@@ -55,7 +55,7 @@ set -e
 
 log "smoke tests (SQLAlchemy 2.0)"
 [ -x .venv-sa20/bin/python ] || "$PY" -m venv .venv-sa20
-.venv-sa20/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 'sqlalchemy[asyncio]>=2.0,<2.1' 2>&1 \
+.venv-sa20/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' -r requirements-dev.txt 'sqlalchemy[asyncio]>=2.0,<2.1' 2>&1 \
   | { grep -v '^WARNING: Location' || true; }
 .venv-sa20/bin/python -c 'import sqlalchemy; print("sqlalchemy", sqlalchemy.__version__)'
 .venv-sa20/bin/python -m pytest -q -p no:cacheprovider -m "smoke and not soak"
