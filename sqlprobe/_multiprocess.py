@@ -202,20 +202,7 @@ class MultiprocessSeries(EngineSeries):
 class MultiprocessExporter(PrometheusExporter):
     """The process-wide exporter of multiprocess mode; never registered on a registry."""
 
-    def engine_series(
-        self, name: str, buckets: tuple[float, ...], max_fingerprints: int
-    ) -> EngineSeries:
-        with self.lock:
-            series = self.engines.get(name)
-            if series is None:
-                series = self.engines[name] = MultiprocessSeries(name, buckets, max_fingerprints)
-            elif series.bounds != buckets:
-                raise ValueError(
-                    f"engine name {name!r} is already attached with other buckets; "
-                    "give this engine another name= or the same buckets"
-                )
-            series.refs += 1
-            return series
+    series_class = MultiprocessSeries
 
     def internal_error(self, stage: str) -> None:
         super().internal_error(stage)

@@ -207,14 +207,7 @@ class _Tracing:
         # A MariaDB server is known only once the dialect has connected; the first new
         # shape (always after the first connect) corrects the name then.
         self._check_mariadb = info.system == "mysql"
-        constant: dict[str, Any] = {"db.system.name": info.system}
-        if info.database and info.system != "sqlite":
-            constant["db.namespace"] = info.database
-        if info.host:
-            constant["server.address"] = info.host
-            if info.port:
-                constant["server.port"] = info.port
-        self._constant = constant
+        self._constant = _constant_attributes(info)
         self._attrs: dict[str, tuple[str, dict[str, Any]]] = {}
         # perf_counter() seconds -> epoch nanoseconds, fixed for the probe's life.
         self._offset_ns = time.time_ns() - int(time.perf_counter() * 1e9)
@@ -375,6 +368,18 @@ class _Tracing:
             return None
 
 
+def _constant_attributes(info: EngineInfo) -> dict[str, Any]:
+    """The attributes every span and measurement of an engine carries (built at attach)."""
+    constant: dict[str, Any] = {"db.system.name": info.system}
+    if info.database and info.system != "sqlite":
+        constant["db.namespace"] = info.database
+    if info.host:
+        constant["server.address"] = info.host
+        if info.port:
+            constant["server.port"] = info.port
+    return constant
+
+
 def _is_sdk_provider(provider: Any) -> bool:
     try:
         from opentelemetry.sdk.trace import TracerProvider
@@ -427,14 +432,7 @@ class _Metrics:
             "Duration of database client operations.",
             options.buckets,
         )
-        constant: dict[str, Any] = {"db.system.name": info.system}
-        if info.database and info.system != "sqlite":
-            constant["db.namespace"] = info.database
-        if info.host:
-            constant["server.address"] = info.host
-            if info.port:
-                constant["server.port"] = info.port
-        self._constant = constant
+        self._constant = _constant_attributes(info)
         self._check_mariadb = info.system == "mysql"
         self._attrs: dict[str, dict[str, Any]] = {}
         self._pool: Any = getattr(probe, "pool", None)

@@ -317,6 +317,9 @@ class EngineSeries:
 class PrometheusExporter(Collector):
     """The one sqlprobe collector on a registry: every attached engine's series."""
 
+    #: What an engine's series is made of (multiprocess mode writes through files).
+    series_class: type[EngineSeries] = EngineSeries
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.engines: dict[str, EngineSeries] = {}
@@ -330,7 +333,7 @@ class PrometheusExporter(Collector):
         with self.lock:
             series = self.engines.get(name)
             if series is None:
-                series = self.engines[name] = EngineSeries(name, buckets, max_fingerprints)
+                series = self.engines[name] = self.series_class(name, buckets, max_fingerprints)
             elif series.bounds != buckets:
                 raise ValueError(
                     f"engine name {name!r} is already attached on this registry with other "
