@@ -40,7 +40,10 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-__all__ = ["LIBRARY_PACKAGES", "SourceFinder"]
+__all__ = ["DEMO_MODULES", "LIBRARY_PACKAGES", "SourceFinder"]
+
+#: Modules of sqlprobe that are application code: ``sqlprobe demo``'s workload.
+DEMO_MODULES = ("cli.py", "_scenario.py", "_loading.py")
 
 #: Top-level packages whose frames never count as the application's: database
 #: drivers, greenlet, and libraries that call SQLAlchemy on the application's behalf.
@@ -113,6 +116,12 @@ class SourceFinder:
         import sqlprobe
 
         self._own_dirs = (_package_dir(sqlprobe), _package_dir(sqlalchemy))
+        # sqlprobe's demo is an application in its own right: its workload's frames are
+        # the ones a slow_query or n_plus_one event should point at.
+        own = _package_dir(sqlprobe)
+        self._demo_files = frozenset(
+            os.path.abspath(os.path.join(own, name)) for name in DEMO_MODULES
+        )
         self._stdlib, self._site_markers = _stdlib_dirs()
         self._cache: dict[str, bool] = {}
         self._lock = threading.Lock()
@@ -143,6 +152,8 @@ class SourceFinder:
         if top in LIBRARY_PACKAGES:
             return True
         path = os.path.abspath(filename)
+        if path in self._demo_files:
+            return False
         if path.startswith(self._own_dirs):
             return True
         if path.startswith(self._stdlib):

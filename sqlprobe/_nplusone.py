@@ -66,6 +66,7 @@ from . import _state
 from ._frames import SourceFinder
 from ._prometheus import OTHER, EngineSeries, Families
 from ._scope import current_scope
+from ._slowlog import RateLimiter
 
 if TYPE_CHECKING:
     from ._collector import Entry
@@ -121,7 +122,9 @@ def remove_detection_listener(fn: Callable[[Detection], None]) -> None:
     """Stop calling ``fn`` (no error when it was not registered)."""
     global _detection_listeners
     with _listeners_lock:
-        _detection_listeners = tuple(f for f in _detection_listeners if f is not fn)
+        # ``!=``, not ``is not``: a bound method is a new object at every attribute
+        # access, so the one being removed is equal to, not identical with, the one added.
+        _detection_listeners = tuple(f for f in _detection_listeners if f != fn)
 
 
 def add_attach_listener(fn: Callable[[Probe], None]) -> None:
@@ -135,7 +138,7 @@ def remove_attach_listener(fn: Callable[[Probe], None]) -> None:
     """Stop calling ``fn`` on attach (no error when it was not registered)."""
     global _attach_listeners
     with _listeners_lock:
-        _attach_listeners = tuple(f for f in _attach_listeners if f is not fn)
+        _attach_listeners = tuple(f for f in _attach_listeners if f != fn)
 
 
 # -- the ORM hook: one listener on the Session class while any detector needs it ----
@@ -264,6 +267,10 @@ class Detector:
         self.threshold = threshold
         self.counts = counts
         self.finder = SourceFinder()
+        # A busy endpoint with an N+1 detects it on every request: the counter counts
+        # each detection, the log keeps a few per scope and shape per minute, like the
+        # slow-query log, with the number left out in ``suppressed``.
+        self.limiter = RateLimiter()
         # Per-transaction counts when no scope is open; entries go with their transaction.
         self.by_transaction: weakref.WeakKeyDictionary[Any, dict[str, int]] = (
             weakref.WeakKeyDictionary()
@@ -339,7 +346,9 @@ class Detector:
             suggestion=suggestion or GENERIC_SUGGESTION,
         )
         self.counts.add(entry[1].fingerprint, relationship)
-        self.logger.warning("n_plus_one", **asdict(detection))
+        suppressed = self.limiter.admit(f"{detection.scope}\x00{detection.fingerprint}")
+        if suppressed is not None:
+            self.logger.warning("n_plus_one", **asdict(detection), suppressed=suppressed)
         for listener in _detection_listeners:
             try:
                 listener(detection)

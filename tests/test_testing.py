@@ -189,3 +189,21 @@ def test_first_connect_queries_are_noise(pg_engine: Engine) -> None:
         assert noisy[-1].statement == "SELECT ?"
     finally:
         fresh.dispose()
+
+
+def test_closed_capture_leaves_nothing_registered(demo_engine: Engine) -> None:
+    """After a capture closes, no listener of it stays registered and nothing more is recorded."""
+    from sqlprobe import _nplusone
+
+    before = (_nplusone._attach_listeners, _nplusone._detection_listeners)
+    with capture() as everything, capture(demo_engine) as one:
+        pass
+    assert (_nplusone._attach_listeners, _nplusone._detection_listeners) == before
+    with demo_engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    later = create_engine("sqlite://")
+    sqlprobe.attach(later, registry=CollectorRegistry())
+    with later.connect() as conn:
+        conn.execute(text("SELECT 2"))
+    assert len(everything) == 0
+    assert len(one) == 0
