@@ -149,11 +149,11 @@ class SourceFinder:
         return decision
 
     def _decide(self, filename: str, top: str) -> bool:
-        if top in LIBRARY_PACKAGES:
-            return True
         path = os.path.abspath(filename)
         if path in self._demo_files:
             return False
+        if top in LIBRARY_PACKAGES:
+            return True
         if path.startswith(self._own_dirs):
             return True
         if path.startswith(self._stdlib):

@@ -56,6 +56,11 @@ def test_demo_runs_on_embedded_sqlite(tmp_path: Path) -> None:
     )
     assert "Top statements by total time" in text
     assert "sqlprobe_sleep" in text  # the deliberately slow query tops the table
+    # The events point at the demo's own code and name the relationship and its fix.
+    assert re.search(r"n_plus_one .*relationship=User\.orders", text)
+    assert "suggestion=selectinload(User.orders)" in text
+    assert re.search(r"source='?[^ ]*cli\.py:\d+ in n_plus_one_page", text)
+    assert re.search(r"slow_query .*source='?[^ ]*cli\.py:\d+ in run_demo", text)
     iterations = int(re.search(r"(\d+) iterations, (\d+) statements", text).group(1))  # type: ignore[union-attr]
     assert iterations > 0
 
