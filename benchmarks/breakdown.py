@@ -33,7 +33,7 @@ from sqlalchemy.engine import Engine
 import sqlprobe
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_statements import QUERY, items, metadata
+from common import QUERY, items, metadata
 
 
 def _engine() -> Engine:

@@ -46,7 +46,7 @@ import sqlprobe
 sys.path.insert(0, os.path.dirname(__file__))
 import contextlib
 
-from bench_statements import PG_URL, QUERY, environment, items, metadata
+from common import PG_URL, QUERY, environment, items, metadata
 
 PG_ASYNC_URL = PG_URL.replace("+psycopg", "+asyncpg")
 
