@@ -50,6 +50,18 @@ def registry() -> CollectorRegistry:
 
 
 @pytest.fixture
+def detach_new_probes() -> Iterator[None]:
+    """Detach every probe a test attached, so no listener outlives its test."""
+    from sqlprobe import _state
+
+    before = {id(p) for p in _state.probes.values()}
+    yield
+    for probe in list(_state.probes.values()):
+        if id(probe) not in before:
+            probe.detach()
+
+
+@pytest.fixture
 def logs() -> LogCapture:
     """A structlog capture; pass ``logger=make_logger(logs)`` to attach()."""
     return LogCapture()

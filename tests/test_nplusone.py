@@ -27,19 +27,9 @@ from sqlprobe._scenario import Base, Order, User, seed
 
 from .conftest import make_logger, total
 
-pytestmark = pytest.mark.smoke
+pytestmark = [pytest.mark.smoke, pytest.mark.usefixtures("detach_new_probes")]
 
 N_PLUS_ONE = "sqlprobe_n_plus_one_total"
-
-
-@pytest.fixture(autouse=True)
-def detach_new_probes() -> Iterator[None]:
-    """Detach every probe a test attached, so no listener outlives its test."""
-    before = {id(p) for p in _state.probes.values()}
-    yield
-    for probe in list(_state.probes.values()):
-        if id(probe) not in before:
-            probe.detach()
 
 
 @pytest.fixture

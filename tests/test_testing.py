@@ -17,17 +17,7 @@ from sqlprobe import _state
 from sqlprobe._scenario import Base, User, seed
 from sqlprobe.testing import capture
 
-pytestmark = pytest.mark.smoke
-
-
-@pytest.fixture(autouse=True)
-def detach_new_probes() -> Iterator[None]:
-    """Detach every probe a test attached, so no listener outlives its test."""
-    before = {id(p) for p in _state.probes.values()}
-    yield
-    for probe in list(_state.probes.values()):
-        if id(probe) not in before:
-            probe.detach()
+pytestmark = [pytest.mark.smoke, pytest.mark.usefixtures("detach_new_probes")]
 
 
 @pytest.fixture
