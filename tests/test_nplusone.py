@@ -167,6 +167,27 @@ def test_explicit_scope_names_the_unit_of_work(
     assert [(e["scope"], e["relationship"]) for e in found] == [("GET /users", "User.orders")]
 
 
+def test_repeated_detections_are_counted_but_logged_within_a_limit(
+    demo_engine: Engine, registry: CollectorRegistry, logs: LogCapture
+) -> None:
+    """Every request's N+1 counts; the log keeps 5 per scope and shape per window."""
+    from sqlprobe._slowlog import EVENTS_PER_FINGERPRINT
+
+    probe = sqlprobe.attach(demo_engine, registry=registry, logger=make_logger(logs))
+    requests = EVENTS_PER_FINGERPRINT + 3
+    with Session(demo_engine) as session:
+        users = session.scalars(select(User).order_by(User.id)).all()
+        for _ in range(requests):
+            with sqlprobe.scope("GET /users"):
+                for user in users[:5]:
+                    session.expire(user, ["orders"])
+                    assert user.orders
+    assert total(registry, N_PLUS_ONE, engine=probe.name or "") == requests
+    found = events(logs)
+    assert len(found) == EVENTS_PER_FINGERPRINT
+    assert all(e["suppressed"] == 0 for e in found)
+
+
 def test_scope_as_decorator(
     demo_engine: Engine, registry: CollectorRegistry, logs: LogCapture
 ) -> None:
