@@ -73,6 +73,10 @@ Teardown = Callable[[], None]
 class Variant:
     name: str
     setup: Callable[[Any], Teardown]
+    #: Run after each timed batch, untimed: the span variants drain their provider's
+    #: batch queue here, so that exporting one variant's spans never lands in the next
+    #: variant's timing (which favoured whichever variant followed a span-less one).
+    settle: Callable[[], Any] | None = None
 
 
 def _tracer_provider() -> Any:
@@ -184,13 +188,17 @@ def variants(with_otel: bool) -> list[Variant]:
     ]
     if with_otel:
         provider = _tracer_provider()
+        flush = provider.force_flush
         out += [
-            Variant("sqlprobe + spans", _spans(provider)),
-            Variant("sqlprobe + spans + sqlcommenter", _spans(provider, True)),
-            Variant("otel-instrumentation-sqlalchemy", _otel_instrumentation(provider, False)),
+            Variant("sqlprobe + spans", _spans(provider), flush),
+            Variant("sqlprobe + spans + sqlcommenter", _spans(provider, True), flush),
+            Variant(
+                "otel-instrumentation-sqlalchemy", _otel_instrumentation(provider, False), flush
+            ),
             Variant(
                 "otel-instrumentation-sqlalchemy + commenter",
                 _otel_instrumentation(provider, True),
+                flush,
             ),
         ]
     return out
@@ -294,6 +302,8 @@ def per_statement(
                     start = perf()
                     run(batch)
                     elapsed = perf() - start
+                if v.settle is not None:
+                    v.settle()
                 results[v.name].samples.append(elapsed / batch)
             gc.enable()
             gc.collect()
@@ -337,6 +347,8 @@ def per_statement_async(
                 elapsed = perf() - start
                 if ctx is not None:
                     ctx.__exit__(None, None, None)
+                if v.settle is not None:
+                    v.settle()
                 results[v.name].samples.append(elapsed / batch)
         for _v, engine, conn, teardown in runners:
             await conn.close()

@@ -19,7 +19,10 @@ listener the engine gets (see ``_hooks.install_traced_hooks``):
 Spans are created *after* the statement, with explicit start and end times taken from
 the same ``perf_counter`` readings as the Prometheus metrics (converted to epoch
 nanoseconds with an offset computed at attach), so span and histogram agree exactly
-and the driver call is not slowed by span bookkeeping. The parent is the context
+and the driver call is not slowed by span bookkeeping. Since such a span is finished
+the moment it exists, it is handed to the provider's span processors directly as a
+``ReadableSpan`` wherever the provider's configuration makes that indistinguishable
+from ``start_span`` + ``end`` (``_fastspan``: about 5 µs instead of 20). The parent is the context
 active when the statement ran: the thread's, or the asyncio task's for an AsyncEngine
 (SQLAlchemy's greenlets run in the task's context). When the parent span is valid but
 not sampled no span is started at all; with no parent the SDK's sampler decides.
@@ -68,6 +71,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ._fastspan import NEEDS_SDK, Emit, direct_emitter
 from ._hooks import install_traced_hooks
 
 if TYPE_CHECKING:
@@ -214,6 +218,7 @@ class _Tracing:
         self._proxy = False
         self._next_look = 0.0
         self._tracer: Any = None
+        self._emit: Emit | None = None
         if _is_sdk_provider(provider):
             self._set_tracer(provider)
         else:
@@ -228,6 +233,7 @@ class _Tracing:
         self._tracer = provider.get_tracer(
             SCOPE_NAME, version, schema_url="https://opentelemetry.io/schemas/1.26.0"
         )
+        self._emit = direct_emitter(self._tracer, QUERY_TEXT_MAX)
         self.trace = self._spans  # type: ignore[method-assign]
 
     def shape_attributes(self, statement: str) -> tuple[str, dict[str, Any]]:
@@ -297,8 +303,10 @@ class _Tracing:
             theirs = getattr(context, "_otel_span", None)
             if theirs is not None:
                 return self._enrich(theirs, statement)
-            parent = self._current_span().get_span_context()
-            if parent.is_valid and not parent.trace_flags.sampled:
+            parent: Any = self._current_span().get_span_context()
+            if not parent.is_valid:
+                parent = None
+            elif not parent.trace_flags.sampled:
                 return None
             name, attrs = self.shape_attributes(statement)
             if batch > 1 or error is not None:
@@ -311,19 +319,20 @@ class _Tracing:
                     if code is not None:
                         attrs["db.response.status_code"] = code
             offset = self._offset_ns
-            span = self._tracer.start_span(
-                name,
-                None,
-                _CLIENT,
-                attrs,
-                None,
-                int(start * 1e9) + offset,
-                False,
-                False,
-            )
+            start_ns = int(start * 1e9) + offset
+            end_ns = int((start + elapsed) * 1e9) + offset
+            emit = self._emit
+            if emit is not None:
+                ctx = emit(name, attrs, parent, start_ns, end_ns, error is not None)
+                if ctx is not NEEDS_SDK:
+                    return ctx if ctx is not None and ctx.trace_flags.sampled else None
+                # A processor that watches spans start was added: real spans from now
+                # on (span processors can be added to a provider, never removed).
+                self._emit = None
+            span = self._tracer.start_span(name, None, _CLIENT, attrs, None, start_ns, False, False)
             if error is not None:
                 span.set_status(_ERROR)
-            span.end(int((start + elapsed) * 1e9) + offset)
+            span.end(end_ns)
             ctx = span.get_span_context()
             return ctx if ctx.trace_flags.sampled else None
         except Exception:

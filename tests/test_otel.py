@@ -480,17 +480,18 @@ def test_failing_tracer_is_contained(
 ) -> None:
     """A tracer that raises counts as an internal error; the statement and metrics are untouched."""
 
-    class Broken(TracerProvider):
-        def get_tracer(self, *args: Any, **kwargs: Any) -> Any:
-            tracer = super().get_tracer(*args, **kwargs)
+    from opentelemetry.sdk.trace.sampling import Sampler
 
-            def start_span(*a: Any, **k: Any) -> Any:
-                raise RuntimeError("boom")
+    class Broken(Sampler):
+        def should_sample(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("boom")
 
-            tracer.start_span = start_span  # type: ignore[method-assign]
-            return tracer
+        def get_description(self) -> str:
+            return "broken"
 
-    probe = sqlprobe.attach(sqlite_engine, registry=registry, tracer_provider=Broken())
+    probe = sqlprobe.attach(
+        sqlite_engine, registry=registry, tracer_provider=TracerProvider(sampler=Broken())
+    )
     try:
         with sqlite_engine.connect() as conn:
             assert conn.execute(text("SELECT 5")).scalar() == 5
