@@ -142,6 +142,9 @@ class Collector:
         #: to the observe()/failed() call that follows it (matched by identity).
         self._handoff: tuple[str, Entry] | None = None
         self._last_logged: dict[str, float] = {}
+        #: ``observe(statement, elapsed, cursor, start, context, parameters,
+        #: batch_size, span=None)``: account for a statement that succeeded.
+        self.observe = self._make_observe()
 
     # -- sinks ----------------------------------------------------------------------
 
@@ -177,35 +180,65 @@ class Collector:
                 self._handoff = (statement, entry)
         return entry
 
-    def observe(
-        self,
-        statement: str,
-        elapsed: float,
-        cursor: Any,
-        start: float,
-        context: Any,
-        parameters: Any,
-        batch_size: int,
-        span: Any = None,
-    ) -> None:
-        """Account for a statement that succeeded; never raises.
+    def _make_observe(self) -> Callable[..., None]:
+        """Build :meth:`observe`: a closure over what never changes after attach.
 
-        ``span`` is the SpanContext the OTel hook linked to this statement (``_otel``):
-        it becomes the duration histogram's exemplar and ``record.span``.
+        The hot path of every statement, so what is fixed (the cache, the series) is
+        bound once; what may change while attached (sinks, the N+1 callback) is read
+        from the collector on each call.
         """
-        try:
-            entry = self._cache.get(statement)
-            if entry is None:
-                entry = self._miss(statement)
-            rows = cursor.rowcount
-            if type(rows) is not int:
-                rows = -1
-            self.series.observe(entry[1], entry[2], elapsed, rows, span)
-            if elapsed >= self.threshold:
-                self.series.observe_slow(entry[2])
-                if self.slow_sinks:
-                    self._dispatch(
-                        self.slow_sinks,
+        cache_get = self._cache.get
+        miss = self._miss
+        series = self.series
+        record_stats = series.observe
+        threshold = self.threshold
+        internal_error = self.internal_error
+        dispatch = self._dispatch
+        collector = self
+
+        def observe(
+            statement: str,
+            elapsed: float,
+            cursor: Any,
+            start: float,
+            context: Any,
+            parameters: Any,
+            batch_size: int,
+            span: Any = None,
+        ) -> None:
+            """Account for a statement that succeeded; never raises.
+
+            ``span`` is the SpanContext the OTel hook linked to this statement
+            (``_otel``): it becomes the duration histogram's exemplar and
+            ``record.span``.
+            """
+            try:
+                entry = cache_get(statement)
+                if entry is None:
+                    entry = miss(statement)
+                rows = cursor.rowcount
+                if type(rows) is not int:
+                    rows = -1
+                record_stats(entry[1], entry[2], elapsed, rows, span)
+                if elapsed >= threshold:
+                    series.observe_slow(entry[2])
+                    if collector.slow_sinks:
+                        dispatch(
+                            collector.slow_sinks,
+                            entry,
+                            statement,
+                            start,
+                            elapsed,
+                            rows,
+                            batch_size,
+                            parameters,
+                            context,
+                            None,
+                            span,
+                        )
+                if collector.sinks:
+                    dispatch(
+                        collector.sinks,
                         entry,
                         statement,
                         start,
@@ -217,28 +250,16 @@ class Collector:
                         None,
                         span,
                     )
-            if self.sinks:
-                self._dispatch(
-                    self.sinks,
-                    entry,
-                    statement,
-                    start,
-                    elapsed,
-                    rows,
-                    batch_size,
-                    parameters,
-                    context,
-                    None,
-                    span,
-                )
-            per_statement = self.per_statement
-            if per_statement is not None:
-                try:
-                    per_statement(entry, context)
-                except Exception:
-                    self.internal_error("nplusone")
-        except Exception:
-            self.internal_error("collector")
+                per_statement = collector.per_statement
+                if per_statement is not None:
+                    try:
+                        per_statement(entry, context)
+                    except Exception:
+                        internal_error("nplusone")
+            except Exception:
+                internal_error("collector")
+
+        return observe
 
     def failed(
         self,

@@ -13,13 +13,17 @@ Units of work
 -------------
 * The innermost open :func:`sqlprobe.scope` (the middleware opens one per request);
   its counts live in ``Scope.state`` and die with it.
-* Otherwise each database transaction. The key is the ``Transaction`` object the
-  statement's ``Connection`` reports (``Connection.get_transaction()``), found from the
-  execution context the hook already has. Counts live in a ``WeakKeyDictionary`` keyed by
-  that object, so they vanish when SQLAlchemy drops the transaction. Why not
-  ``ConnectionEvents.begin/commit/rollback``: any ConnectionEvents listener moves every
-  statement of the engine onto SQLAlchemy's slower dispatch path (about 2.2 µs each,
-  see ``_hooks``); why not ``SessionEvents.after_begin``: Core users have transactions too.
+* Otherwise each database transaction: the ``Transaction`` object the statement's
+  ``Connection`` reports (``Connection.get_transaction()``), found from the execution
+  context the hook already has. Its counts are kept on that ``Connection`` (one
+  attribute holding the detector, a weak reference to the transaction and the counts),
+  replaced when the connection's transaction changes: a Connection is used by one
+  thread or task at a time, so this needs neither a lock nor a per-thread slot, and
+  the counts go when the transaction ends (at the connection's next statement) or
+  with the connection. Why not ``ConnectionEvents.begin/commit/rollback``: any
+  ConnectionEvents listener moves every statement of the engine onto SQLAlchemy's
+  slower dispatch path (about 2.2 µs each, see ``_hooks``); why not
+  ``SessionEvents.after_begin``: Core users have transactions too.
 
 Per unit of work at most :data:`MAX_SHAPES_PER_UNIT` shapes are counted (later new
 shapes are ignored), so a long scope that runs many distinct statements stays bounded.
@@ -28,8 +32,9 @@ The statement path
 ------------------
 The detector is the collector's ``per_statement`` callback: for a statement that is not
 a SELECT it returns after one attribute comparison; for a SELECT it does a ContextVar
-read, one or two dictionary lookups and one store. Everything else (the relationship,
-the source line, the log event, the counter) happens only at the moment of detection.
+read, two attribute reads on the connection, one dictionary lookup and one store.
+Everything else (the relationship, the source line, the log event, the counter)
+happens only at the moment of detection.
 Counting is not locked: two threads sharing one scope may lose an increment, which can
 delay a detection by one statement but never reports one twice per scope and shape
 (the report happens when the count *equals* the threshold, and counts only grow).
@@ -65,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 from . import _state
 from ._frames import SourceFinder
 from ._prometheus import OTHER, EngineSeries, Families
-from ._scope import current_scope
+from ._scope import current_scope_getter
 from ._slowlog import RateLimiter
 
 if TYPE_CHECKING:
@@ -83,6 +88,8 @@ MAX_SERIES = 1000
 STATEMENT_MAX_CHARS = 2000
 #: The execution option that carries the loader path from the ORM to the hook.
 OPTION = "_sqlprobe_relationship"
+#: The attribute of a ``Connection`` holding its current transaction's counts.
+SLOT = "_sqlprobe_n_plus_one"
 #: The scope name reported when no ``sqlprobe.scope`` is open.
 TRANSACTION_SCOPE = "transaction"
 GENERIC_SUGGESTION = "load the rows in one query (an IN list or a join) instead of one per item"
@@ -271,26 +278,15 @@ class Detector:
         # each detection, the log keeps a few per scope and shape per minute, like the
         # slow-query log, with the number left out in ``suppressed``.
         self.limiter = RateLimiter()
-        # Per-transaction counts when no scope is open; entries go with their transaction.
-        self.by_transaction: weakref.WeakKeyDictionary[Any, dict[str, int]] = (
-            weakref.WeakKeyDictionary()
-        )
         self.on_statement = self._make_callback()
 
     def _make_callback(self) -> Callable[[Entry, Any], None]:
         threshold = self.threshold
-        by_transaction = self.by_transaction
-        get_scope = current_scope
+        get_scope = current_scope_getter()
         report = self.report
         key = self
-        # The last transaction seen (weakly: a transaction holds its connection, and
-        # that its engine) and its counts, swapped as one tuple: consecutive statements
-        # of one transaction skip the weak dictionary (about 0.7 µs). Kept per thread:
-        # threads run different transactions, and one shared slot would make them
-        # evict each other on every statement.
         ref = weakref.ref
-        local = threading.local()
-        nothing: tuple[Callable[[], Any], dict[str, int]] = (lambda: None, {})
+        slot_name = SLOT
 
         def on_statement(entry: Entry, context: Any) -> None:
             shape = entry[0]
@@ -303,18 +299,19 @@ class Detector:
                 if counts is None:
                     counts = state[key] = {}
             else:
-                connection = getattr(context, "root_connection", None)
-                if connection is None:
+                try:
+                    connection = context.root_connection
+                except AttributeError:
                     return
                 unit = connection.get_transaction() or connection
-                last = getattr(local, "last", nothing)
-                if last[0]() is unit:
-                    counts = last[1]
+                slot = connection.__dict__.get(slot_name)
+                if slot is not None and slot[1]() is unit and slot[0] is key:
+                    counts = slot[2]
                 else:
-                    counts = by_transaction.get(unit)
-                    if counts is None:
-                        counts = by_transaction[unit] = {}
-                    local.last = (ref(unit), counts)
+                    # A weak reference: the transaction holds the connection, so a
+                    # strong one would make a reference cycle of every connection.
+                    counts = {}
+                    connection.__dict__[slot_name] = (key, ref(unit), counts)
             fingerprint = shape.fingerprint
             n = counts.get(fingerprint, 0) + 1
             if n > threshold:

@@ -158,6 +158,9 @@ class EngineSeries:
         self.bounds = buckets
         self.max_fingerprints = max_fingerprints
         self.lock = threading.Lock()
+        # The statement path takes the lock by hand: ``with`` costs about 75 ns more.
+        self._acquire = self.lock.acquire
+        self._release = self.lock.release
         self.shapes: dict[str, ShapeStats] = {}
         self.other = self._new_shape(OTHER, "OTHER", "", "(shapes beyond max_fingerprints)")
         self.ops: dict[str, OpStats] = {}
@@ -191,7 +194,8 @@ class EngineSeries:
         hold values only): under gunicorn workers there are no exemplars.
         """
         i = bisect_left(self.bounds, elapsed)
-        with self.lock:
+        self._acquire()
+        try:
             stats.calls += 1
             stats.seconds += elapsed
             if rows > 0:
@@ -204,6 +208,8 @@ class EngineSeries:
                 if exemplars is None:
                     exemplars = hist.exemplars = [None] * len(hist.counts)
                 exemplars[i] = (span, elapsed, time())
+        finally:
+            self._release()
 
     def observe_slow(self, op: OpStats) -> None:
         """Count one statement over the slow-query threshold."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import Any, TypeVar, cast
 
-__all__ = ["Scope", "current_scope", "scope"]
+__all__ = ["Scope", "current_scope", "current_scope_getter", "scope"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,3 +105,8 @@ def scope(
 def current_scope() -> Scope | None:
     """The innermost open scope of this thread or task, if any."""
     return _current.get()
+
+
+def current_scope_getter() -> Callable[[], Scope | None]:
+    """:func:`current_scope` without the function call around the ContextVar (hot path)."""
+    return _current.get

@@ -226,6 +226,46 @@ def test_transactions_are_separate_units(
     assert found[0]["suggestion"] == _nplusone.GENERIC_SUGGESTION
 
 
+def test_interleaved_connections_keep_their_own_counts(
+    demo_engine: Engine, registry: CollectorRegistry, logs: LogCapture
+) -> None:
+    """Two transactions run alternately in one thread are counted apart, each detected once."""
+    sqlprobe.attach(demo_engine, registry=registry, logger=make_logger(logs))
+    query = text("SELECT id FROM sqlprobe_demo_orders WHERE user_id = :u")
+    with demo_engine.connect() as a, demo_engine.connect() as b:
+        for u in range(4):
+            a.execute(query, {"u": u})
+            b.execute(query, {"u": u})
+        assert events(logs) == []
+        a.execute(query, {"u": 9})
+        assert len(events(logs)) == 1
+        b.execute(query, {"u": 9})
+        assert len(events(logs)) == 2
+        a.commit()
+        for u in range(4):  # a new transaction on the same connection starts from zero
+            a.execute(query, {"u": u})
+    assert len(events(logs)) == 2
+
+
+def test_counts_do_not_keep_transactions_alive(
+    demo_engine: Engine, registry: CollectorRegistry
+) -> None:
+    """The per-connection counts hold their transaction weakly."""
+    import gc
+    import weakref
+
+    sqlprobe.attach(demo_engine, registry=registry, n_plus_one_threshold=3)
+    with demo_engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        transaction = conn.get_transaction()
+        assert transaction is not None
+        held = weakref.ref(transaction)
+        conn.commit()
+        del transaction
+        gc.collect()
+        assert held() is None
+
+
 def test_only_selects_are_counted(
     demo_engine: Engine, registry: CollectorRegistry, logs: LogCapture
 ) -> None:

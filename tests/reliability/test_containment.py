@@ -27,6 +27,7 @@ from structlog.testing import LogCapture
 
 import sqlprobe
 from sqlprobe import _collector
+from sqlprobe._prometheus import EngineSeries
 
 from ..conftest import make_logger
 from .conftest import (
@@ -76,13 +77,15 @@ def _broken_probe(
         kwargs["slow_query_threshold"] = 0  # every statement produces a slow_query event
     elif sink == "explain":
         kwargs.update(explain=True, slow_query_threshold=0)
+    raiser = Raiser()
+    if sink == "prometheus":
+        # The statement path binds the series' method at attach: break it before.
+        monkeypatch.setattr(EngineSeries, "observe", raiser)
     probe = sqlprobe.attach(engine, registry=registry, logger=logger, **kwargs)
     collector = probe.collector
     assert collector is not None
-    raiser = Raiser()
     counts: dict[str, Callable[[], int]]
     if sink == "prometheus":
-        monkeypatch.setattr(collector.series, "observe", raiser)
         counts = {"collector": lambda: raiser.calls}
     elif sink == "spans":
         counts = {"otel": lambda: processor.raiser.calls}
@@ -173,13 +176,16 @@ def _check_counted(
 
 
 def test_internal_error_is_logged_once_per_stage_per_minute(
-    sqlite_engine: Engine, registry: CollectorRegistry, logs: LogCapture
+    sqlite_engine: Engine,
+    registry: CollectorRegistry,
+    logs: LogCapture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Repeated failures of one stage log one event a minute and count every failure."""
+    monkeypatch.setattr(EngineSeries, "observe", Raiser())
     probe = sqlprobe.attach(sqlite_engine, registry=registry, logger=make_logger(logs))
     collector = probe.collector
     assert collector is not None
-    collector.series.observe = Raiser()  # type: ignore[method-assign]
     try:
         with sqlite_engine.connect() as conn:
             for i in range(50):
@@ -229,6 +235,8 @@ def _memory_flat_on_error_paths(
     processor = RaisingSpanProcessor()
     provider.add_span_processor(processor)
     logger = RaisingLogger(remember=False)
+    observe, detect = Raiser(), Raiser()
+    monkeypatch.setattr(EngineSeries, "observe", observe)
     probe = sqlprobe.attach(
         sqlite_engine,
         registry=registry,
@@ -238,8 +246,6 @@ def _memory_flat_on_error_paths(
     )
     collector = probe.collector
     assert collector is not None
-    observe, detect = Raiser(), Raiser()
-    monkeypatch.setattr(collector.series, "observe", observe)
     monkeypatch.setattr(collector, "per_statement", detect)
     try:
         _error_path_run(sqlite_engine, 3000)  # warm every cache first
