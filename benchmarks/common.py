@@ -15,7 +15,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, select
 
 import sqlprobe
 
-__all__ = ["PG_URL", "QUERY", "environment", "items", "metadata"]
+__all__ = ["PG_URL", "QUERY", "environment", "items", "machine_noise", "metadata"]
 
 PG_URL = os.environ.get(
     "SQLPROBE_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -52,4 +52,29 @@ def environment() -> str:
         f"- machine: {os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}\n"
         f"- python {platform.python_version()}, SQLAlchemy {sqlalchemy.__version__}, "
         f"prometheus_client {version('prometheus-client')}, sqlprobe {sqlprobe.__version__}"
+    )
+
+
+def machine_noise(seconds: float = 3.0) -> str:
+    """How steady the CPU is: a fixed pure-Python loop timed over and over.
+
+    Shared two-core machines slow down in bursts; a reader of the figures should know
+    how much, and the benchmarks that report absolute times run in rounds because of it.
+    """
+    import statistics
+    import time
+
+    times: list[float] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        start = time.perf_counter()
+        total = 0
+        for i in range(100_000):
+            total += i
+        times.append(time.perf_counter() - start)
+    low, mid, high = min(times), statistics.median(times), max(times)
+    return (
+        f"- machine noise: a fixed loop timed {len(times)} times over {seconds:g} s took "
+        f"{low * 1e3:.2f} ms at best, {mid * 1e3:.2f} ms median, {high * 1e3:.2f} ms at worst "
+        f"({mid / low:.2f}x and {high / low:.2f}x the best)"
     )

@@ -46,7 +46,7 @@ import sqlprobe
 sys.path.insert(0, os.path.dirname(__file__))
 import contextlib
 
-from common import PG_URL, QUERY, environment, items, metadata
+from common import PG_URL, QUERY, environment, items, machine_noise, metadata
 
 PG_ASYNC_URL = PG_URL.replace("+psycopg", "+asyncpg")
 
@@ -359,36 +359,54 @@ def per_statement_async(
     return asyncio.run(main())
 
 
-def table(title: str, rows: list[Series], baseline: dict[str, float] | None = None) -> str:
-    bare = rows[0].median
+def _paired(a: Series, b: Series) -> float:
+    """Median over rounds of ``a - b``: both ran in the same round, seconds apart.
+
+    On PostgreSQL one round can be 30 % slower than the next (the server shares the
+    two cores), which swamps a difference of medians; a per-round difference cancels
+    that drift, since every variant of a round runs under the same conditions.
+    """
+    return statistics.median(x - y for x, y in zip(a.samples, b.samples, strict=True))
+
+
+def table(title: str, rows: list[Series]) -> str:
+    bare = rows[0]
     out = [
         f"#### {title}",
         "",
         "| variant | median µs | min µs | max µs | added µs | ratio |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    by: dict[str, Series] = {r.name: r for r in rows}
     for r in rows:
         out.append(
             f"| {r.name} | {r.median * 1e6:.2f} | {min(r.samples) * 1e6:.2f} | "
-            f"{max(r.samples) * 1e6:.2f} | {(r.median - bare) * 1e6:+.2f} | {r.median / bare:.3f} |"
+            f"{max(r.samples) * 1e6:.2f} | {_paired(r, bare) * 1e6:+.2f} | "
+            f"{r.median / bare.median:.3f} |"
         )
-    by = {r.name: r.median - bare for r in rows}
-    ours, theirs = by.get("sqlprobe + spans"), by.get("otel-instrumentation-sqlalchemy")
-    if ours is not None and theirs:
-        out.append("")
-        out.append(
-            f"Spans: sqlprobe adds {ours * 1e6:.2f} µs, the OTel instrumentation "
-            f"{theirs * 1e6:.2f} µs: **{ours / theirs:.2f}×** (target ≤ 0.6×)."
-        )
-    ours_c = by.get("sqlprobe + spans + sqlcommenter")
-    theirs_c = by.get("otel-instrumentation-sqlalchemy + commenter")
-    if ours_c is not None and theirs_c:
+    out += [
+        "",
+        "*added*: the median over rounds of (variant − bare) in the same round.",
+    ]
+    spans, inst = by.get("sqlprobe + spans"), by.get("otel-instrumentation-sqlalchemy")
+    if spans is None or inst is None:
+        return "\n".join(out)
+    ours, theirs = _paired(spans, bare), _paired(inst, bare)
+    out.append("")
+    out.append(
+        f"Spans: sqlprobe adds {ours * 1e6:.2f} µs, the OTel instrumentation "
+        f"{theirs * 1e6:.2f} µs: **{ours / theirs:.2f}×** (target ≤ 0.6×)."
+    )
+    spans_c = by.get("sqlprobe + spans + sqlcommenter")
+    inst_c = by.get("otel-instrumentation-sqlalchemy + commenter")
+    if spans_c is not None and inst_c is not None:
+        ours_c, theirs_c = _paired(spans_c, bare), _paired(inst_c, bare)
         out.append(
             f"With sqlcommenter: sqlprobe adds {ours_c * 1e6:.2f} µs, the instrumentation "
             f"{theirs_c * 1e6:.2f} µs: **{ours_c / theirs_c:.2f}×** in total."
         )
-        if ours is not None and theirs and theirs_c > theirs:
-            own, their_own = ours_c - ours, theirs_c - theirs
+        own, their_own = _paired(spans_c, spans), _paired(inst_c, inst)
+        if their_own > 0:
             out.append(
                 f"The commenter's own cost (on top of spans): sqlprobe {own * 1e6:+.2f} µs, "
                 f"the instrumentation {their_own * 1e6:+.2f} µs: "
@@ -413,11 +431,21 @@ def fingerprinting(n: int) -> str:
         return (sql + " " * 1024)[:1024]
 
     texts = [statement(i) for i in range(n)]
+    # In rounds, with the median of the round medians reported: this machine's CPU
+    # slows down by up to 1.8x in bursts of a fraction of a second (see "machine
+    # noise" above), which can cover most of one uninterrupted pass.
     new: list[float] = []
-    for t in texts:
-        start = time.perf_counter()
-        analyze(t)
-        new.append(time.perf_counter() - start)
+    round_medians: list[float] = []
+    size = max(1, n // 15)
+    for k in range(0, n, size):
+        times = []
+        for t in texts[k : k + size]:
+            start = time.perf_counter()
+            analyze(t)
+            times.append(time.perf_counter() - start)
+        new += times
+        round_medians.append(statistics.median(times))
+        time.sleep(0.05)
 
     registry = CollectorRegistry()
     engine = create_engine("sqlite://")
@@ -436,7 +464,7 @@ def fingerprinting(n: int) -> str:
     return (
         "#### Fingerprinting\n\n"
         "| case | median µs | min µs | max µs | target |\n|---|---:|---:|---:|---|\n"
-        f"| new 1 KB statement (normalize + hash) | {statistics.median(new) * 1e6:.1f} | "
+        f"| new 1 KB statement (normalize + hash) | {statistics.median(round_medians) * 1e6:.1f} | "
         f"{min(new) * 1e6:.1f} | {max(new) * 1e6:.1f} | ≤ 30 µs |\n"
         f"| cached statement (cache lookup) | {statistics.median(cached) * 1e6:.3f} | "
         f"{min(cached) * 1e6:.3f} | {max(cached) * 1e6:.3f} | ≤ 0.5 µs |"
@@ -632,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Benchmark results",
         "",
         environment(),
+        machine_noise(),
         "",
         "Command: `"
         + " ".join(["python", "benchmarks/suite.py", *(argv if argv is not None else sys.argv[1:])])
@@ -663,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
         )
-        pr, pb = max(5, rounds // 2), max(200, batch // 4)
+        pr, pb = max(5, rounds), max(200, batch // 4)
         emit(
             table(
                 f"PostgreSQL psycopg, Core ({pr}×{pb})",
@@ -685,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if "async" not in skip:
-        pr, pb = max(5, rounds // 2), max(200, batch // 4)
+        pr, pb = max(5, rounds), max(200, batch // 4)
         emit(
             table(
                 f"PostgreSQL asyncpg (AsyncEngine), Core ({pr}×{pb})",
@@ -699,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" not in skip:
         emit(memory(50_000 if q else 1_000_000))
     if "threads" not in skip:
-        emit(throughput(PG_URL, 0.25 if q else 0.5, 6 if q else 24))
+        emit(throughput(PG_URL, 0.25 if q else 0.4, 6 if q else 40))
     if args.write:
         with open(args.write, "w") as f:
             f.write("\n".join(out))

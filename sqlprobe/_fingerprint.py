@@ -344,21 +344,51 @@ def _drop_prefixes(text: str, mark: str, prefixes: list[str]) -> str:
 
 
 def _collapse(text: str) -> str:
-    """Collapse IN lists, ARRAY literals and repeated VALUES rows to one element."""
+    """Collapse IN lists, ARRAY literals and repeated VALUES rows to one element.
+
+    Each pass starts where its keyword first appears (found with ``str.find``, which is
+    far cheaper per character than a regular expression scanning for a candidate
+    letter): in a typical statement the IN list comes after a long select list.
+    """
     if "?" not in text:
         return text
     lowered = text.lower()
-    if "in (" in lowered or "in(" in lowered:
-        text = _SHORT_IN_LIST.sub(r"\g<i>\g<n>(\g<first>)", text)
-        if _LONG_IN_LIST.search(text) is not None:
-            text = _collapse_lists(text, _IN_LIST, "(", _CLOSE_PAREN)
-        if "((" in text or "( (" in text:
-            text = _collapse_lists(text, _IN_TUPLE, "(", _CLOSE_PAREN)
-    if "values" in lowered:
-        text = _VALUES.sub(_first_row, text)
-    if "array" in lowered:
-        text = _collapse_lists(text, _ARRAY_LIST, "[", _CLOSE_BRACKET)
+    values_at = lowered.find("values")
+    array_at = lowered.find("array")
+    at = _first(lowered, "in (", "in(")
+    if at >= 0:
+        # One character before the keyword stays in the slice for the lookbehind.
+        start = max(at - 1, 0)
+        text = text[:start] + _SHORT_IN_LIST.sub(_short_in_list, text[start:])
+        if _LONG_IN_LIST.search(text, start) is not None:
+            text = _collapse_lists(text, _IN_LIST, "(", _CLOSE_PAREN, pos=start)
+        if text.find("((", start) >= 0 or text.find("( (", start) >= 0:
+            text = _collapse_lists(text, _IN_TUPLE, "(", _CLOSE_PAREN, pos=start)
+        # The text only shrank from `start` on: a keyword found after it now sits
+        # somewhere between `start` and where it was.
+        values_at = min(values_at, start)
+        array_at = min(array_at, start)
+    if values_at >= 0:
+        start = max(values_at - 1, 0)
+        before = len(text)
+        text = text[:start] + _VALUES.sub(_first_row, text[start:])
+        if array_at > start and len(text) != before:
+            array_at = start
+    if array_at >= 0:
+        text = _collapse_lists(text, _ARRAY_LIST, "[", _CLOSE_BRACKET, pos=array_at)
     return text
+
+
+def _first(lowered: str, word: str, other: str) -> int:
+    """The first index of ``word`` or ``other`` in ``lowered``, or -1."""
+    a = lowered.find(word)
+    b = lowered.find(other)
+    return a if b < 0 or 0 <= a < b else b
+
+
+def _short_in_list(m: re.Match[str]) -> str:
+    # A function, not a "\g<...>" template: re expands templates in Python, slower.
+    return f"{m['i']}{m['n']}({m['first']})"
 
 
 def _collapse_lists(
@@ -367,11 +397,16 @@ def _collapse_lists(
     opening: str,
     closing: re.Pattern[str],
     more_elements: re.Pattern[str] = _MORE_ELEMENTS,
+    pos: int = 0,
 ) -> str:
-    """Replace each list that `start` finds (group ``first``: its first element) by that element."""
+    """Replace each list that `start` finds (group ``first``: its first element) by that element.
+
+    Lists are looked for from index ``pos`` on.
+    """
     parts: list[str] = []
+    first_at = pos
     pos = 0
-    for m in start.finditer(text):
+    for m in start.finditer(text, first_at):
         if m.start() < pos:
             continue
         first = m.group("first")
@@ -465,10 +500,15 @@ def _table(text: str, operation: str, verb_at: int) -> str:
 
 def _select_table(text: str, pos: int) -> str:
     """The table of the shallowest FROM that names one (a derived table stands for its own)."""
+    # The scan starts at the first "from" (a str.find is cheaper than the regex's own
+    # search for a candidate letter); parentheses are still counted from `pos`.
+    at = text.lower().find("from", pos)
+    if at < 0:
+        return ""
     best = ""
     best_depth = 0
     depth = 0
-    for seen, m in enumerate(_FROM.finditer(text, pos)):
+    for seen, m in enumerate(_FROM.finditer(text, at)):
         if seen == _MAX_CANDIDATES:
             break
         at = m.start()
