@@ -291,8 +291,11 @@ def per_statement(
     perf = time.perf_counter
     gc.disable()
     try:
-        for _ in range(rounds):
-            for v, run, _ in runners:
+        for r in range(rounds):
+            # Each round starts one variant later, so that no variant always runs
+            # first after the collection below (or always after the same neighbour).
+            k = r % len(runners)
+            for v, run, _ in runners[k:] + runners[:k]:
                 if parent is not None:
                     with parent():
                         start = perf()
@@ -336,8 +339,9 @@ def per_statement_async(
             runners.append((v, engine, conn, teardown))
         results = {v.name: Series(v.name) for v in vs}
         perf = time.perf_counter
-        for _ in range(rounds):
-            for v, _e, conn, _t in runners:
+        for r in range(rounds):
+            k = r % len(runners)
+            for v, _e, conn, _t in runners[k:] + runners[:k]:
                 ctx = parent() if parent is not None else None
                 if ctx is not None:
                     ctx.__enter__()
