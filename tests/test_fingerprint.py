@@ -548,3 +548,38 @@ def test_huge_statements_are_normalized_from_a_bounded_prefix() -> None:
     assert a.normalized.endswith("/* truncated */")
     assert a.operation == "SELECT"
     assert a.table == "t"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1",
+        "x1",
+        "1 + 2",
+        "f(1,2)",
+        "a.5",
+        "$1 2",
+        "c0_5 1e5 1.5e-3 .5 0x1F 0X1g",
+        "users_1.id = 10 AND param_2 < 3.",
+        "é1 ≥2 \u00a03",  # non-ASCII: the regular expression alone decides
+        "",
+    ],
+)
+def test_number_pass_matches_the_plain_regex(text: str) -> None:
+    """The translated-shape number pass replaces exactly what the number regex does."""
+    from sqlprobe._fingerprint import _NUMBERS, _replace_numbers
+
+    assert _replace_numbers(text) == _NUMBERS.sub("?", text)
+
+
+def test_number_pass_matches_the_plain_regex_on_random_text() -> None:
+    """On 20,000 random strings of name, digit and punctuation characters, both agree."""
+    import random
+
+    from sqlprobe._fingerprint import _NUMBERS, _replace_numbers
+
+    rnd = random.Random(20261125)
+    alphabet = "ab_$1 0.9x,(e-+E)\n'?é"
+    for _ in range(20_000):
+        text = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 24)))
+        assert _replace_numbers(text) == _NUMBERS.sub("?", text), repr(text)
