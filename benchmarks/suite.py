@@ -436,8 +436,9 @@ def fingerprinting(n: int) -> str:
 
     texts = [statement(i) for i in range(n)]
     # In rounds, with the median of the round medians reported: this machine's CPU
-    # slows down by up to 1.8x in bursts of a fraction of a second (see "machine
-    # noise" above), which can cover most of one uninterrupted pass.
+    # slows down by up to 1.8x in bursts (see "machine noise" above). The rounds run
+    # back to back: a pause between them (tried) lets the CPU idle, and the first
+    # statements after it ran about 1.5x slower, every round.
     new: list[float] = []
     round_medians: list[float] = []
     size = max(1, n // 15)
@@ -449,7 +450,6 @@ def fingerprinting(n: int) -> str:
             times.append(time.perf_counter() - start)
         new += times
         round_medians.append(statistics.median(times))
-        time.sleep(0.05)
 
     registry = CollectorRegistry()
     engine = create_engine("sqlite://")
