@@ -20,9 +20,10 @@ both paths). It costs about 5 µs.
 "Unobservable" is checked, never assumed, because nothing in the SDK's public API says
 whether a provider has such a configuration:
 
-* every span processor's ``on_start`` and ``_on_ending`` are the no-op ones of the
-  SDK's ``SpanProcessor``, ``BatchSpanProcessor`` or ``SimpleSpanProcessor`` (a
-  processor that looks at or changes spans as they start gets real ``Span`` objects);
+* every span processor's ``on_start`` and ``_on_ending`` (or ``on_ending``) are the
+  no-op ones of the SDK's ``SpanProcessor``, ``BatchSpanProcessor`` or
+  ``SimpleSpanProcessor`` (a processor that looks at or changes spans before they end
+  gets real ``Span`` objects);
 * the span limits cannot truncate or drop any of our attributes;
 * the SDK's own tracer metrics are off, and the tracer is enabled (checked per span:
   the tracer configurator may switch it at run time).
@@ -59,25 +60,32 @@ NEEDS_SDK: Any = object()
 Emit = Callable[[str, Any, Any, int, int, bool], Any]
 
 
-def _noop_hooks() -> tuple[set[Any], set[Any]]:
+#: The span-processor hooks that see a span before it ends: each must be the SDK's no-op
+#: for the direct route (``on_ending`` is the name the SDK's private ``_on_ending`` is
+#: expected to take once the specification's OnEnding is stable).
+_EARLY_HOOKS = ("on_start", "_on_ending", "on_ending")
+
+
+def _noop_hooks() -> dict[str, set[Any]]:
     from opentelemetry.sdk.trace import SpanProcessor
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     classes = (SpanProcessor, BatchSpanProcessor, SimpleSpanProcessor)
-    starts = {cls.__dict__.get("on_start") for cls in classes} - {None}
-    endings = {cls.__dict__.get("_on_ending") for cls in classes} - {None}
-    return starts, endings
+    return {
+        hook: {cls.__dict__[hook] for cls in classes if hook in cls.__dict__}
+        for hook in _EARLY_HOOKS
+    }
 
 
-def _processors_unobservable(processors: Any, starts: set[Any], endings: set[Any]) -> bool:
+def _processors_unobservable(processors: Any, noops: dict[str, set[Any]]) -> bool:
     if not isinstance(processors, tuple):
         return False
     for processor in processors:
         cls = type(processor)
-        on_start = getattr(cls, "on_start", None)
-        on_ending = getattr(cls, "_on_ending", None)
-        if on_start not in starts or (on_ending is not None and on_ending not in endings):
-            return False
+        for hook, known in noops.items():
+            fn = getattr(cls, hook, None)
+            if fn is not None and fn not in known:
+                return False
     return True
 
 
@@ -122,8 +130,8 @@ def direct_emitter(tracer: Any, max_value_length: int) -> Emit | None:
         return None
     if max_len is not None and max_len < max_value_length:
         return None
-    starts, endings = _noop_hooks()
-    if not _processors_unobservable(getattr(multi, "_span_processors", None), starts, endings):
+    noops = _noop_hooks()
+    if not _processors_unobservable(getattr(multi, "_span_processors", None), noops):
         return None
 
     client = SpanKind.CLIENT
@@ -144,7 +152,7 @@ def direct_emitter(tracer: Any, max_value_length: int) -> Emit | None:
     def emit(name: str, attrs: Any, parent: Any, start_ns: int, end_ns: int, error: bool) -> Any:
         processors = multi._span_processors
         if processors is not checked[0]:
-            if not _processors_unobservable(processors, starts, endings):
+            if not _processors_unobservable(processors, noops):
                 return NEEDS_SDK
             checked[0] = processors
         if not is_enabled():

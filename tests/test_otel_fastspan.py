@@ -275,3 +275,29 @@ def make_sqlite_engine() -> Iterator[Any]:
     yield make
     for engine in engines:
         engine.dispose()
+
+
+class EndingWatcher(SpanProcessor):
+    """A processor that looks at spans as they end (the SDK's OnEnding hook)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def _on_ending(self, span: Span) -> None:
+        self.seen.append(span.name)
+
+
+def test_processor_watching_span_ending_gets_real_spans(
+    sqlite_engine: Engine, registry: CollectorRegistry
+) -> None:
+    """A processor with an on-ending hook is called for every span, as the SDK calls it."""
+    provider = TracerProvider()
+    watcher = EndingWatcher()
+    provider.add_span_processor(watcher)
+    probe = sqlprobe.attach(sqlite_engine, registry=registry, tracer_provider=provider)
+    try:
+        with sqlite_engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    finally:
+        probe.detach()
+    assert watcher.seen == ["SELECT"]
