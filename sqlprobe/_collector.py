@@ -220,25 +220,13 @@ class Collector:
                 if type(rows) is not int:
                     rows = -1
                 record_stats(entry[1], entry[2], elapsed, rows, span)
+                sinks = collector.sinks
                 if elapsed >= threshold:
                     series.observe_slow(entry[2])
-                    if collector.slow_sinks:
-                        dispatch(
-                            collector.slow_sinks,
-                            entry,
-                            statement,
-                            start,
-                            elapsed,
-                            rows,
-                            batch_size,
-                            parameters,
-                            context,
-                            None,
-                            span,
-                        )
-                if collector.sinks:
+                    sinks = collector.slow_sinks + sinks
+                if sinks:
                     dispatch(
-                        collector.sinks,
+                        sinks,
                         entry,
                         statement,
                         start,

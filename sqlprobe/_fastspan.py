@@ -30,8 +30,9 @@ whether a provider has such a configuration:
 
 The processor list is re-checked whenever the provider's tuple of processors changes
 (``add_span_processor`` replaces it), so a processor added after attach is honoured.
-Anything unexpected (an SDK whose internals differ, a sampler that raises) makes
-:func:`direct_emitter` return ``None`` and sqlprobe uses ``start_span`` as before.
+An SDK whose internals differ from what this module expects makes
+:func:`direct_emitter` return ``None``, and sqlprobe uses ``start_span`` as before. A
+sampler or processor that raises is contained by the caller, as on the SDK route.
 
 This relies on SDK attributes that are not public API (``_span_processors``,
 ``_span_limits``, ``_tracer_metrics``, ``_instrumentation_scope``, ``_is_enabled``),
@@ -147,14 +148,15 @@ def direct_emitter(tracer: Any, max_value_length: int) -> Emit | None:
     new_trace_id = ids.generate_trace_id
     new_span_id = ids.generate_span_id
     on_end = multi.on_end
-    checked = [multi._span_processors]
+    checked = multi._span_processors
 
     def emit(name: str, attrs: Any, parent: Any, start_ns: int, end_ns: int, error: bool) -> Any:
+        nonlocal checked
         processors = multi._span_processors
-        if processors is not checked[0]:
+        if processors is not checked:
             if not _processors_unobservable(processors, noops):
                 return NEEDS_SDK
-            checked[0] = processors
+            checked = processors
         if not is_enabled():
             return None
         if parent is None:

@@ -391,29 +391,24 @@ def _collapse(text: str) -> str:
     if "?" not in text:
         return text
     lowered = text.lower()
-    values_at = lowered.find("values")
-    array_at = lowered.find("array")
     at = _first(lowered, "in (", "in(")
     if at >= 0:
         # One character before the keyword stays in the slice for the lookbehind.
         start = max(at - 1, 0)
         text = text[:start] + _SHORT_IN_LIST.sub(_short_in_list, text[start:])
         if _LONG_IN_LIST.search(text, start) is not None:
-            text = _collapse_lists(text, _IN_LIST, "(", _CLOSE_PAREN, pos=start)
+            text = _collapse_lists(text, _IN_LIST, "(", _CLOSE_PAREN, search_from=start)
         if text.find("((", start) >= 0 or text.find("( (", start) >= 0:
-            text = _collapse_lists(text, _IN_TUPLE, "(", _CLOSE_PAREN, pos=start)
-        # The text only shrank from `start` on: a keyword found after it now sits
-        # somewhere between `start` and where it was.
-        values_at = min(values_at, start)
-        array_at = min(array_at, start)
-    if values_at >= 0:
-        start = max(values_at - 1, 0)
-        before = len(text)
+            text = _collapse_lists(text, _IN_TUPLE, "(", _CLOSE_PAREN, search_from=start)
+        lowered = text.lower()
+    at = lowered.find("values")
+    if at >= 0:
+        start = max(at - 1, 0)
         text = text[:start] + _VALUES.sub(_first_row, text[start:])
-        if array_at > start and len(text) != before:
-            array_at = start
-    if array_at >= 0:
-        text = _collapse_lists(text, _ARRAY_LIST, "[", _CLOSE_BRACKET, pos=array_at)
+        lowered = text.lower()
+    at = lowered.find("array")
+    if at >= 0:
+        text = _collapse_lists(text, _ARRAY_LIST, "[", _CLOSE_BRACKET, search_from=at)
     return text
 
 
@@ -435,16 +430,15 @@ def _collapse_lists(
     opening: str,
     closing: re.Pattern[str],
     more_elements: re.Pattern[str] = _MORE_ELEMENTS,
-    pos: int = 0,
+    search_from: int = 0,
 ) -> str:
     """Replace each list that `start` finds (group ``first``: its first element) by that element.
 
-    Lists are looked for from index ``pos`` on.
+    Lists are looked for from index ``search_from`` on.
     """
     parts: list[str] = []
-    first_at = pos
     pos = 0
-    for m in start.finditer(text, first_at):
+    for m in start.finditer(text, search_from):
         if m.start() < pos:
             continue
         first = m.group("first")
@@ -540,13 +534,13 @@ def _select_table(text: str, pos: int) -> str:
     """The table of the shallowest FROM that names one (a derived table stands for its own)."""
     # The scan starts at the first "from" (a str.find is cheaper than the regex's own
     # search for a candidate letter); parentheses are still counted from `pos`.
-    at = text.lower().find("from", pos)
-    if at < 0:
+    first_from = text.lower().find("from", pos)
+    if first_from < 0:
         return ""
     best = ""
     best_depth = 0
     depth = 0
-    for seen, m in enumerate(_FROM.finditer(text, at)):
+    for seen, m in enumerate(_FROM.finditer(text, first_from)):
         if seen == _MAX_CANDIDATES:
             break
         at = m.start()

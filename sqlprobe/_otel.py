@@ -326,8 +326,8 @@ class _Tracing:
                 ctx = emit(name, attrs, parent, start_ns, end_ns, error is not None)
                 if ctx is not NEEDS_SDK:
                     return ctx if ctx is not None and ctx.trace_flags.sampled else None
-                # A processor that watches spans start was added: real spans from now
-                # on (span processors can be added to a provider, never removed).
+                # A processor that looks at spans before they end was added: real
+                # spans from now on (processors can be added, never removed).
                 self._emit = None
             span = self._tracer.start_span(name, None, _CLIENT, attrs, None, start_ns, False, False)
             if error is not None:
