@@ -110,7 +110,7 @@ def _bare(engine: Any) -> Teardown:
 
 
 def _metrics_only(engine: Any) -> Teardown:
-    from sqlprobe import _pool
+    from sqlprobe._hooks import _pool
 
     # The suite measures the pool feature's share separately: switch it off here only.
     original = _pool.install
@@ -423,7 +423,7 @@ def table(title: str, rows: list[Series]) -> str:
 
 
 def fingerprinting(n: int) -> str:
-    from sqlprobe._fingerprint import analyze
+    from sqlprobe._core._fingerprint import analyze
 
     def statement(i: int) -> str:
         cols = ", ".join(f"t.col_{j} AS c{j}_{i}" for j in range(20))

@@ -22,8 +22,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._core._scope import Scope, scope
     from ._probe import EngineInfo, Probe, StatementStats, attach
-    from ._scope import Scope, scope
     from ._server import MetricsServer, start_http_server
 
 __all__ = [
@@ -44,8 +44,8 @@ _EXPORTS = {
     "Probe": "._probe",
     "StatementStats": "._probe",
     "attach": "._probe",
-    "Scope": "._scope",
-    "scope": "._scope",
+    "Scope": "._core._scope",
+    "scope": "._core._scope",
     "MetricsServer": "._server",
     "start_http_server": "._server",
 }

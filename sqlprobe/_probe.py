@@ -18,9 +18,9 @@ import structlog
 from sqlalchemy.engine import URL, Engine
 
 from . import _state
-from ._collector import Collector
 from ._config import Options, build_options, env_enabled
-from ._hooks import Listener, install_statement_hooks, remove_listeners
+from ._core._collector import Collector
+from ._hooks._statement import Listener, install_statement_hooks, remove_listeners
 
 __all__ = ["EngineInfo", "Probe", "StatementStats", "attach", "engine_label"]
 
@@ -31,7 +31,9 @@ Installer = Callable[["Probe"], "Callable[[], None] | None"]
 
 
 def _installers() -> tuple[Installer, ...]:
-    from . import _multiprocess, _nplusone, _otel, _pool, _slowlog
+    from ._analysis import _nplusone
+    from ._hooks import _pool
+    from ._sinks import _multiprocess, _otel, _slowlog
 
     return (
         _pool.install,

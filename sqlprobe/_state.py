@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from ._prometheus import PrometheusExporter
+from ._sinks._prometheus import PrometheusExporter
 
 if TYPE_CHECKING:
     from ._probe import Probe
@@ -71,7 +71,7 @@ def exporter_for(registry: CollectorRegistry) -> PrometheusExporter:
     In prometheus_client's multiprocess mode there is one exporter per process,
     registered nowhere: its values go to the multiprocess files (``_multiprocess``).
     """
-    from ._multiprocess import MultiprocessExporter, multiprocess_active
+    from ._sinks._multiprocess import MultiprocessExporter, multiprocess_active
 
     with lock:
         if multiprocess_active():

@@ -36,7 +36,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
-from ._scope import Scope, _current
+from ._core._scope import Scope, _current
 
 __all__ = ["RequestScope", "SqlprobeASGIMiddleware", "SqlprobeWSGIMiddleware"]
 

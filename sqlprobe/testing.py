@@ -52,7 +52,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._nplusone import (
+from ._analysis._nplusone import (
     Detection,
     add_attach_listener,
     add_detection_listener,
@@ -61,7 +61,7 @@ from ._nplusone import (
 )
 
 if TYPE_CHECKING:
-    from ._collector import StatementRecord
+    from ._core._collector import StatementRecord
     from ._probe import Probe
 
 __all__ = ["NOISE", "CapturedStatement", "Detection", "QueryCapture", "capture"]

@@ -292,7 +292,8 @@ def test_import_does_no_work() -> None:
 
 def test_engine_collected_while_sqlprobe_holds_a_lock() -> None:
     """An engine collected inside one of sqlprobe's locks queues its clean-up: no deadlock."""
-    from sqlprobe import _nplusone, _state
+    from sqlprobe import _state
+    from sqlprobe._analysis import _nplusone
 
     registry = CollectorRegistry()
     engine = create_engine("sqlite://")

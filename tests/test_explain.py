@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from structlog.testing import LogCapture
 
 import sqlprobe
-from sqlprobe._explain import Explainer
+from sqlprobe._analysis._explain import Explainer
 
 from .test_slowlog import SENTINEL, sink_of, slow_events
 
@@ -148,9 +148,9 @@ def test_skip_reasons(
 
 def test_skip_reason_rules() -> None:
     """FOR UPDATE, INTO, several statements, side effects and odd parameters are skipped."""
-    from sqlprobe._collector import StatementRecord
-    from sqlprobe._explain import skip_reason
-    from sqlprobe._fingerprint import analyze
+    from sqlprobe._analysis._explain import skip_reason
+    from sqlprobe._core._collector import StatementRecord
+    from sqlprobe._core._fingerprint import analyze
 
     def reason(sql: str, params: Any = None, batch: int = 0) -> str | None:
         record = StatementRecord("e", sql, analyze(sql), 0.0, 1.0, 1, batch, params, None, None)

@@ -17,7 +17,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sqlprobe._fingerprint import OPERATIONS, Shape, analyze, normalize
+from sqlprobe._core._fingerprint import OPERATIONS, Shape, analyze, normalize
 
 pytestmark = pytest.mark.smoke
 
@@ -179,7 +179,7 @@ def test_fingerprint_is_stable_across_processes() -> None:
         "SAVEPOINT sa_savepoint_1",
     ]
     code = (
-        "import sys; from sqlprobe._fingerprint import analyze\n"
+        "import sys; from sqlprobe._core._fingerprint import analyze\n"
         "for line in sys.stdin.read().split('\\x00'): print(analyze(line).fingerprint)\n"
     )
     for seed in ("1", "12345"):
@@ -523,7 +523,7 @@ async def test_captured_asyncpg(
 
 def test_internal_failure_never_exposes_the_raw_text(monkeypatch: pytest.MonkeyPatch) -> None:
     """If normalization itself fails, the shape is a fixed placeholder, not the raw SQL."""
-    from sqlprobe import _fingerprint
+    from sqlprobe._core import _fingerprint
 
     def broken(text: str) -> tuple[str, str, int]:
         raise RuntimeError("bug")
@@ -537,7 +537,7 @@ def test_internal_failure_never_exposes_the_raw_text(monkeypatch: pytest.MonkeyP
 
 def test_huge_statements_are_normalized_from_a_bounded_prefix() -> None:
     """Past NORMALIZE_LIMIT characters the tail is dropped: bounded cost, stable shape."""
-    from sqlprobe._fingerprint import NORMALIZE_LIMIT
+    from sqlprobe._core._fingerprint import NORMALIZE_LIMIT
 
     def big(n: int) -> str:
         return "SELECT * FROM t WHERE id IN (" + ", ".join(str(i) for i in range(n)) + ")"
@@ -567,7 +567,7 @@ def test_huge_statements_are_normalized_from_a_bounded_prefix() -> None:
 )
 def test_number_pass_matches_the_plain_regex(text: str) -> None:
     """The translated-shape number pass replaces exactly what the number regex does."""
-    from sqlprobe._fingerprint import _NUMBERS, _replace_numbers
+    from sqlprobe._core._fingerprint import _NUMBERS, _replace_numbers
 
     assert _replace_numbers(text) == _NUMBERS.sub("?", text)
 
@@ -576,7 +576,7 @@ def test_number_pass_matches_the_plain_regex_on_random_text() -> None:
     """On 20,000 random strings of name, digit and punctuation characters, both agree."""
     import random
 
-    from sqlprobe._fingerprint import _NUMBERS, _replace_numbers
+    from sqlprobe._core._fingerprint import _NUMBERS, _replace_numbers
 
     rnd = random.Random(20261125)
     alphabet = "ab_$1 0.9x,(e-+E)\n'?é"

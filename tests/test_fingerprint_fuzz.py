@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sqlprobe._fingerprint import OPERATIONS, analyze, normalize
+from sqlprobe._core._fingerprint import OPERATIONS, analyze, normalize
 
 HEX16 = re.compile(r"[0-9a-f]{16}")
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

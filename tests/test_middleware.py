@@ -111,7 +111,7 @@ async def test_asgi_fallback_and_custom_route(
     seen: list[tuple[str, str]] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        current = sqlprobe._scope.current_scope()
+        current = sqlprobe._core._scope.current_scope()
         assert isinstance(current, RequestScope)
         seen.append((current.name, current.route))
         with sqlite_engine.connect() as conn:
@@ -125,7 +125,7 @@ async def test_asgi_fallback_and_custom_route(
     await get(custom, "/items/43")
     assert seen == [("GET /items/42", "/items/42"), ("GET /items/{id}", "/items/{id}")]
     assert [s for s, _ in n_plus_one(logs)] == ["GET /items/42", "GET /items/{id}"]
-    assert sqlprobe._scope.current_scope() is None
+    assert sqlprobe._core._scope.current_scope() is None
 
 
 async def test_asgi_non_http_passes_through() -> None:
@@ -133,7 +133,7 @@ async def test_asgi_non_http_passes_through() -> None:
     seen: list[Any] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        seen.append(sqlprobe._scope.current_scope())
+        seen.append(sqlprobe._core._scope.current_scope())
 
     async def receive() -> Any:
         return {}
@@ -191,7 +191,7 @@ def test_wsgi_streamed_body_runs_in_scope(
                     yield b"x"
 
         def close(self) -> None:
-            closed.append(sqlprobe._scope.current_scope())
+            closed.append(sqlprobe._core._scope.current_scope())
 
     def app(environ: Any, start_response: Any) -> Any:
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -202,7 +202,7 @@ def test_wsgi_streamed_body_runs_in_scope(
     response.close()
     assert n_plus_one(logs) == [("GET /stream/7", "")]
     assert [s.name for s in closed] == ["GET /stream/7"]
-    assert sqlprobe._scope.current_scope() is None
+    assert sqlprobe._core._scope.current_scope() is None
 
 
 def test_wsgi_error_propagates_and_scope_ends() -> None:
@@ -213,7 +213,7 @@ def test_wsgi_error_propagates_and_scope_ends() -> None:
 
     with pytest.raises(RuntimeError, match="boom"):
         SqlprobeWSGIMiddleware(app)({"REQUEST_METHOD": "POST", "PATH_INFO": "/x"}, None)
-    assert sqlprobe._scope.current_scope() is None
+    assert sqlprobe._core._scope.current_scope() is None
 
 
 def test_request_scope_name_can_be_fixed() -> None:

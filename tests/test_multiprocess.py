@@ -22,7 +22,7 @@ WORKER = textwrap.dedent(
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import DBAPIError
     import sqlprobe
-    from sqlprobe._multiprocess import multiprocess_active
+    from sqlprobe._sinks._multiprocess import multiprocess_active
 
     assert multiprocess_active(), "multiprocess mode should be on in the worker"
     n = int(sys.argv[1])
@@ -120,7 +120,7 @@ def test_multiprocess_mode_needs_the_variable_before_import(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """PROMETHEUS_MULTIPROC_DIR set after prometheus_client was imported keeps the default."""
-    from sqlprobe._multiprocess import multiprocess_active
+    from sqlprobe._sinks._multiprocess import multiprocess_active
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     assert not multiprocess_active()

@@ -22,7 +22,8 @@ from sqlalchemy.orm import (
 from structlog.testing import LogCapture
 
 import sqlprobe
-from sqlprobe import _nplusone, _state
+from sqlprobe import _state
+from sqlprobe._analysis import _nplusone
 from sqlprobe._scenario import Base, Order, User, seed
 
 from .conftest import make_logger, total
@@ -171,7 +172,7 @@ def test_repeated_detections_are_counted_but_logged_within_a_limit(
     demo_engine: Engine, registry: CollectorRegistry, logs: LogCapture
 ) -> None:
     """Every request's N+1 counts; the log keeps 5 per scope and shape per window."""
-    from sqlprobe._slowlog import EVENTS_PER_FINGERPRINT
+    from sqlprobe._sinks._slowlog import EVENTS_PER_FINGERPRINT
 
     probe = sqlprobe.attach(demo_engine, registry=registry, logger=make_logger(logs))
     requests = EVENTS_PER_FINGERPRINT + 3

@@ -23,7 +23,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.engine import Engine
 
 import sqlprobe
-from sqlprobe._collector import StatementRecord
+from sqlprobe._core._collector import StatementRecord
 
 from .conftest import sample
 
@@ -395,7 +395,7 @@ def test_noop_provider_makes_no_span_but_links_active_span(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With a non-SDK provider no span is made, yet a sampled active span becomes the exemplar."""
-    from sqlprobe import _otel
+    from sqlprobe._sinks import _otel
 
     monkeypatch.setattr(_otel, "AMBIENT_INTERVAL", 0.0)
     probe = sqlprobe.attach(sqlite_engine, registry=registry, tracer_provider=NoOpTracerProvider())
@@ -415,7 +415,7 @@ def test_ambient_lookups_are_throttled(
     sqlite_engine: Engine, registry: CollectorRegistry, tracing: Tracing
 ) -> None:
     """Without an SDK provider the active span is looked up at most once per interval."""
-    from sqlprobe import _otel
+    from sqlprobe._sinks import _otel
 
     probe = sqlprobe.attach(
         sqlite_engine,
@@ -527,7 +527,7 @@ exporter = InMemorySpanExporter()
 provider = TracerProvider()
 provider.add_span_processor(SimpleSpanProcessor(exporter))
 trace.set_tracer_provider(provider)
-time.sleep(0.05)  # past sqlprobe._otel.AMBIENT_INTERVAL since the last look
+time.sleep(0.05)  # past sqlprobe._sinks._otel.AMBIENT_INTERVAL since the last look
 with trace.get_tracer("app").start_as_current_span("request"):
     with engine.connect() as conn:
         conn.execute(text("SELECT 2"))

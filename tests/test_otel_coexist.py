@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 import sqlprobe
-from sqlprobe._collector import StatementRecord
+from sqlprobe._core._collector import StatementRecord
 
 pytestmark = pytest.mark.smoke
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, exc, text
 
 import sqlprobe
-from sqlprobe import _otel
+from sqlprobe._sinks import _otel
 
 pytestmark = pytest.mark.smoke
 

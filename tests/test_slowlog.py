@@ -15,9 +15,9 @@ from sqlalchemy.engine import Engine
 from structlog.testing import LogCapture
 
 import sqlprobe
-from sqlprobe._fingerprint import analyze
-from sqlprobe._frames import SourceFinder
-from sqlprobe._slowlog import (
+from sqlprobe._core._fingerprint import analyze
+from sqlprobe._core._frames import SourceFinder
+from sqlprobe._sinks._slowlog import (
     EVENTS_PER_ENGINE,
     EVENTS_PER_FINGERPRINT,
     PARAMETER_MAX_CHARS,

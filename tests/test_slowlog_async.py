@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from structlog.testing import LogCapture
 
 import sqlprobe
-from sqlprobe._fingerprint import analyze
+from sqlprobe._core._fingerprint import analyze
 
 from .test_slowlog import FIELDS, here, line_after, slow_events
 

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 import sqlprobe
-from sqlprobe._sqlcommenter import encode, serialize
+from sqlprobe._sinks._sqlcommenter import encode, serialize
 
 pytestmark = pytest.mark.smoke
 

@@ -183,7 +183,7 @@ def test_first_connect_queries_are_noise(pg_engine: Engine) -> None:
 
 def test_closed_capture_leaves_nothing_registered(demo_engine: Engine) -> None:
     """After a capture closes, no listener of it stays registered and nothing more is recorded."""
-    from sqlprobe import _nplusone
+    from sqlprobe._analysis import _nplusone
 
     before = (_nplusone._attach_listeners, _nplusone._detection_listeners)
     with capture() as everything, capture(demo_engine) as one:

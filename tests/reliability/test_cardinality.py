@@ -23,8 +23,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import create_engine
 
 import sqlprobe
-from sqlprobe import _collector
-from sqlprobe._slowlog import MAX_TRACKED_FINGERPRINTS
+from sqlprobe._core import _collector
+from sqlprobe._sinks._slowlog import MAX_TRACKED_FINGERPRINTS
 
 from .conftest import CountingLogger, NullExporter, rss_bytes, samples_by, series_count
 

@@ -26,8 +26,8 @@ from sqlalchemy.exc import DBAPIError
 from structlog.testing import LogCapture
 
 import sqlprobe
-from sqlprobe import _collector
-from sqlprobe._prometheus import EngineSeries
+from sqlprobe._core import _collector
+from sqlprobe._sinks._prometheus import EngineSeries
 
 from ..conftest import make_logger
 from .conftest import (

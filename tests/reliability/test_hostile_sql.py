@@ -25,10 +25,10 @@ from sqlalchemy.engine import Engine
 from structlog.testing import LogCapture
 
 import sqlprobe
-from sqlprobe import _collector
-from sqlprobe._otel import QUERY_TEXT_MAX
-from sqlprobe._prometheus import INFO_STATEMENT_LIMIT
-from sqlprobe._slowlog import STATEMENT_MAX_CHARS
+from sqlprobe._core import _collector
+from sqlprobe._sinks._otel import QUERY_TEXT_MAX
+from sqlprobe._sinks._prometheus import INFO_STATEMENT_LIMIT
+from sqlprobe._sinks._slowlog import STATEMENT_MAX_CHARS
 
 from ..conftest import make_logger
 from .conftest import samples_by

@@ -362,7 +362,7 @@ class PrometheusExporter(Collector):
             self.internal_errors[stage] = self.internal_errors.get(stage, 0) + 1
 
     def collect(self) -> Iterable[Metric]:
-        from . import _state
+        from .. import _state
 
         _state.run_deferred()
         fams = Families()

@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from ._prometheus import (
+from .._sinks._prometheus import (
     OTHER,
     EngineSeries,
     OpStats,
@@ -357,8 +357,8 @@ def install(probe: Any) -> Any:
         getattr(probe.collector, "series", None), MultiprocessSeries
     ):
         return None
-    from ._config import DEFAULT_BUCKETS
-    from ._pool import POOL_BUCKETS
+    from .._config import DEFAULT_BUCKETS
+    from .._hooks._pool import POOL_BUCKETS
 
     buckets = probe.options.buckets
     writer = _PoolWriter(probe, POOL_BUCKETS if buckets == DEFAULT_BUCKETS else buckets)

@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from ._fingerprint import Shape, analyze
-from ._prometheus import EngineSeries, OpStats, PrometheusExporter, ShapeStats
+from .._core._fingerprint import Shape, analyze
+from .._sinks._prometheus import EngineSeries, OpStats, PrometheusExporter, ShapeStats
 
 __all__ = ["Collector", "Entry", "Sink", "StatementRecord"]
 

@@ -45,11 +45,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._frames import SourceFinder
+from .._core._frames import SourceFinder
 
 if TYPE_CHECKING:
-    from ._collector import StatementRecord
-    from ._probe import Probe
+    from .._core._collector import StatementRecord
+    from .._probe import Probe
 
 __all__ = [
     "EVENTS_PER_ENGINE",
@@ -264,7 +264,7 @@ class SlowQueryLog:
         self.current_span = _span_getter()
         self.explainer: Any = None
         if options.explain:
-            from ._explain import Explainer
+            from .._analysis._explain import Explainer
 
             self.explainer = Explainer(probe, collector)
 

@@ -67,15 +67,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _state
-from ._frames import SourceFinder
-from ._prometheus import OTHER, EngineSeries, Families
-from ._scope import current_scope_getter
-from ._slowlog import RateLimiter
+from .. import _state
+from .._core._frames import SourceFinder
+from .._core._scope import current_scope_getter
+from .._sinks._prometheus import OTHER, EngineSeries, Families
+from .._sinks._slowlog import RateLimiter
 
 if TYPE_CHECKING:
-    from ._collector import Entry
-    from ._probe import Probe
+    from .._core._collector import Entry
+    from .._probe import Probe
 
 __all__ = ["MAX_SHAPES_PER_UNIT", "Detection", "install"]
 

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from ._scope import current_scope
+from .._core._scope import current_scope
 
 __all__ = ["build", "encode", "serialize"]
 

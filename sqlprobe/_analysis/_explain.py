@@ -70,11 +70,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._fingerprint import normalize
+from .._core._fingerprint import normalize
 
 if TYPE_CHECKING:
-    from ._collector import Collector, StatementRecord
-    from ._probe import Probe
+    from .._core._collector import Collector, StatementRecord
+    from .._probe import Probe
 
 __all__ = [
     "EXPLAINS_PER_INTERVAL",

@@ -84,13 +84,13 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AssertionPool, Pool, QueuePool, StaticPool
 
-from ._config import DEFAULT_BUCKETS
-from ._prometheus import EngineSeries, Families, Histogram
+from .._config import DEFAULT_BUCKETS
+from .._sinks._prometheus import EngineSeries, Families, Histogram
 
 if TYPE_CHECKING:
-    from ._collector import Collector
-    from ._hooks import Listener
-    from ._probe import Probe
+    from .._core._collector import Collector
+    from .._hooks._statement import Listener
+    from .._probe import Probe
 
 __all__ = ["POOL_BUCKETS", "PoolMetrics", "PoolObserver", "install"]
 

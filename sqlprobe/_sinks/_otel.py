@@ -71,11 +71,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._fastspan import NEEDS_SDK, Emit, direct_emitter
-from ._hooks import install_traced_hooks
+from .._hooks._statement import install_traced_hooks
+from .._sinks._fastspan import NEEDS_SDK, Emit, direct_emitter
 
 if TYPE_CHECKING:
-    from ._probe import EngineInfo, Probe
+    from .._probe import EngineInfo, Probe
 
 __all__ = ["install"]
 
@@ -123,7 +123,7 @@ def install(probe: Probe) -> Callable[[], None] | None:
         undo.append(metrics.close)
         trace_fn = metrics.wrap(trace_fn)
 
-    from . import _sqlcommenter
+    from .._sinks import _sqlcommenter
 
     trace_context = _trace_context_fn() if trace_api is not None else None
     comment = _sqlcommenter.build(
@@ -228,7 +228,7 @@ class _Tracing:
     # -- attach-time ------------------------------------------------------------------
 
     def _set_tracer(self, provider: Any) -> None:
-        from . import __version__ as version
+        from .. import __version__ as version
 
         self._tracer = provider.get_tracer(
             SCOPE_NAME, version, schema_url="https://opentelemetry.io/schemas/1.26.0"
@@ -420,7 +420,7 @@ class _Metrics:
     """
 
     def __init__(self, probe: Probe, info: EngineInfo, meter_provider: Any) -> None:
-        from . import __version__ as version
+        from .. import __version__ as version
 
         assert probe.collector is not None
         options = probe.options

@@ -41,7 +41,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from ._collector import Collector
+from .._core._collector import Collector
 
 __all__ = [
     "CommentFn",
