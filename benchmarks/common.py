@@ -7,15 +7,28 @@ with bare SQLAlchemy and opentelemetry-instrumentation-sqlalchemy) and
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, select
 
 import sqlprobe
 
-__all__ = ["PG_URL", "QUERY", "environment", "items", "machine_noise", "metadata"]
+__all__ = [
+    "PG_URL",
+    "QUERY",
+    "environment",
+    "interleaved",
+    "items",
+    "machine_noise",
+    "metadata",
+    "paired_median",
+]
 
 PG_URL = os.environ.get(
     "SQLPROBE_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -78,3 +91,44 @@ def machine_noise(seconds: float = 3.0) -> str:
         f"{low * 1e3:.2f} ms at best, {mid * 1e3:.2f} ms median, {high * 1e3:.2f} ms at worst "
         f"({mid / low:.2f}x and {high / low:.2f}x the best)"
     )
+
+
+def interleaved(
+    runs: Sequence[tuple[str, Callable[[int], None], int]],
+    rounds: int,
+    clock: Callable[[], float] = time.thread_time,
+) -> dict[str, list[float]]:
+    """Seconds per iteration of each ``(name, run, batch)``, ``rounds`` samples each.
+
+    Every round times one batch of every run, starting one run later each round (so no
+    run always follows the same neighbour or the garbage collection between rounds);
+    the collector is off inside a round. Pair the samples by round with
+    :func:`paired_median`.
+
+    The default clock is the thread's CPU time: on a machine whose cores are shared
+    with other jobs, wall time also counts the slices the scheduler gave to them,
+    which is most of the round-to-round noise; CPU time leaves out that (and any wait
+    on a database server), and keeps what the code under test costs.
+    """
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    perf = clock
+    order = list(runs)
+    gc.disable()
+    try:
+        for r in range(rounds):
+            k = r % len(order)
+            for name, run, batch in order[k:] + order[:k]:
+                start = perf()
+                run(batch)
+                samples[name].append((perf() - start) / batch)
+            gc.enable()
+            gc.collect()
+            gc.disable()
+    finally:
+        gc.enable()
+    return samples
+
+
+def paired_median(a: Sequence[float], b: Sequence[float]) -> float:
+    """The median over rounds of ``a - b`` (both sampled in the same round)."""
+    return statistics.median(x - y for x, y in zip(a, b, strict=True))

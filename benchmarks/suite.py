@@ -13,12 +13,17 @@ Sections:
    that drops everything.
 2. Checkout + statement (a connection from the pool per statement), where the pool
    metrics do their work.
-3. Fingerprinting: a new 1 KB statement; a cached lookup.
-4. /metrics scrape time with 500 shapes on each of 3 engines.
-5. Memory after 1,000,000 distinct literal-laden statement shapes.
-6. Throughput with 1, 2, 4 and 8 threads against PostgreSQL, bare vs attached.
+3. Request unit: check a connection out of a QueuePool, begin, three primary-key
+   SELECTs, commit, check in; on a file SQLite database and on PostgreSQL, interleaved
+   round by round with the single-statement loop on the same engines, so that the
+   cost beyond three statements' own comes from one run.
+4. Fingerprinting: a new 1 KB statement; a cached lookup.
+5. /metrics scrape time with 500 shapes on each of 3 engines.
+6. Memory after 1,000,000 distinct literal-laden statement shapes.
+7. Throughput with 1, 2, 4 and 8 threads against PostgreSQL, bare vs attached.
 
-Medians everywhere; min and max where they mean something.
+Medians everywhere; min and max where they mean something. ``--only request`` (a comma
+list of section names) runs some sections alone.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,9 +43,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session
+from sqlalchemy.pool import QueuePool
 
 import sqlprobe
 
@@ -110,15 +117,15 @@ def _bare(engine: Any) -> Teardown:
 
 
 def _metrics_only(engine: Any) -> Teardown:
-    from sqlprobe._hooks import _pool
-
-    # The suite measures the pool feature's share separately: switch it off here only.
-    original = _pool.install
-    _pool.install = lambda probe: None  # type: ignore[assignment]
-    try:
-        probe = sqlprobe.attach(engine, registry=CollectorRegistry(), n_plus_one_threshold=0)
-    finally:
-        _pool.install = original  # type: ignore[assignment]
+    # The suite measures the pool hooks' share separately: take them off here only.
+    probe = sqlprobe.attach(engine, registry=CollectorRegistry(), n_plus_one_threshold=0)
+    for name in ("connect", "recreate"):
+        vars(engine.pool).pop(name, None)
+    for name in ("do_begin", "do_commit", "do_rollback"):
+        vars(engine.dialect).pop(name, None)
+    for fn in list(engine.pool.dispatch.checkin):
+        if "PoolHooks" in getattr(fn, "__qualname__", ""):
+            event.remove(engine, "checkin", fn)
     return probe.detach
 
 
@@ -361,6 +368,131 @@ def per_statement_async(
         return [results[v.name] for v in vs]
 
     return asyncio.run(main())
+
+
+# -- request unit ------------------------------------------------------------------------
+
+#: The three statements of a request unit: one shape, three keys (compiled once, so
+#: SQLAlchemy's statement cache serves all three as the single-statement loop's does).
+UNIT_QUERIES = [select(items.c.id, items.c.name).where(items.c.id == k) for k in (1, 2, 3)]
+
+
+def request_unit(
+    url: str, vs: list[Variant], *, rounds: int, batch: int, parent: Any = None
+) -> tuple[list[Series], list[Series]]:
+    """Seconds per request unit and per statement for each variant, in the same rounds.
+
+    A unit is what a web request does with the database: ``with engine.begin()`` checks
+    a connection out of the engine's QueuePool and begins, three primary-key SELECTs
+    run, the commit and the check-in follow. Each variant's engine also keeps one
+    connection open for the single-statement loop (as in the per-statement tables),
+    and each round times a batch of units and a batch of statements per variant, so
+    the unit's cost beyond its three statements is a difference of figures measured
+    under the same conditions. The unit only reads, so a file database never syncs.
+    """
+    seed = create_engine(url, poolclass=QueuePool)
+    _fill(seed)
+    seed.dispose()
+    queries = UNIT_QUERIES
+    runners: list[tuple[Variant, Callable[[int], None], Callable[[int], None], Teardown]] = []
+    for v in vs:
+        engine = create_engine(url, poolclass=QueuePool)
+        teardown = v.setup(engine)
+        conn = engine.connect()
+
+        def unit(n: int, engine: Engine = engine) -> None:
+            begin = engine.begin
+            for _ in range(n):
+                with begin() as c:
+                    for q in queries:
+                        c.execute(q).all()
+
+        def statement(n: int, conn: Any = conn) -> None:
+            execute = conn.execute
+            for _ in range(n):
+                execute(QUERY).all()
+
+        unit(100)
+        statement(200)
+
+        def done(teardown: Teardown = teardown, conn: Any = conn, engine: Engine = engine) -> None:
+            conn.close()
+            teardown()
+            engine.dispose()
+
+        runners.append((v, unit, statement, done))
+    units = {v.name: Series(v.name) for v in vs}
+    statements = {v.name: Series(v.name) for v in vs}
+    # A statement costs about a fifth of a unit: five times as many take about as long.
+    sbatch = batch * 5
+    # CPU time of this thread, not wall time: see common.interleaved. On PostgreSQL it
+    # leaves out the server's work and the waits on it, which sqlprobe does not add to.
+    perf = time.thread_time
+    gc.disable()
+    try:
+        for r in range(rounds):
+            k = r % len(runners)
+            for v, run_units, run_statements, _ in runners[k:] + runners[:k]:
+                for run, n, into in (
+                    (run_units, batch, units),
+                    (run_statements, sbatch, statements),
+                ):
+                    ctx = parent() if parent is not None else contextlib.nullcontext()
+                    with ctx:
+                        start = perf()
+                        run(n)
+                        elapsed = perf() - start
+                    if v.settle is not None:
+                        v.settle()
+                    into[v.name].samples.append(elapsed / n)
+            gc.enable()
+            gc.collect()
+            gc.disable()
+    finally:
+        gc.enable()
+        for *_, finish in runners:
+            finish()
+    return [units[v.name] for v in vs], [statements[v.name] for v in vs]
+
+
+def request_table(title: str, units: list[Series], statements: list[Series]) -> str:
+    bare_u, bare_s = units[0], statements[0]
+    out = [
+        f"#### {title}",
+        "",
+        "| variant | unit µs | added µs per unit | ratio | added µs per statement "
+        "| added beyond 3 statements µs |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for u, s in zip(units, statements, strict=True):
+        added_u, added_s = _paired(u, bare_u), _paired(s, bare_s)
+        out.append(
+            f"| {u.name} | {u.median * 1e6:.1f} | {added_u * 1e6:+.2f} | "
+            f"{1 + added_u / bare_u.median:.3f} | {added_s * 1e6:+.2f} | "
+            f"{(added_u - 3 * added_s) * 1e6:+.2f} |"
+        )
+    out += [
+        "",
+        "Times are the benchmark thread's CPU time (`time.thread_time`; on PostgreSQL the "
+        "client's share only). *unit*: check out of the QueuePool, begin, three primary-key "
+        "SELECTs, commit, check in. *added*: the median over rounds of (variant − bare) in "
+        "the same round; *ratio*: 1 + added / bare; per statement from the "
+        "single-statement loop (one open connection) on the same engines in the same rounds "
+        f"(bare: {bare_s.median * 1e6:.2f} µs). *beyond 3 statements*: added per unit − "
+        "3 × added per statement, i.e. what checkout, transaction and check-in hooks cost.",
+    ]
+    return "\n".join(out)
+
+
+def _reachable(url: str) -> bool:
+    try:
+        engine = create_engine(url)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception:
+        return False
+    return True
 
 
 def _paired(a: Series, b: Series) -> float:
@@ -641,15 +773,25 @@ def throughput(url: str, seconds: float, pairs: int) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = ("statements", "request", "async", "fp", "scrape", "memory", "threads")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="sqlprobe benchmark suite")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--write")
+    parser.add_argument("--skip", default="", help="comma list of sections: " + ",".join(SECTIONS))
     parser.add_argument(
-        "--skip", default="", help="comma list: statements,async,fp,scrape,memory,threads"
+        "--only", default="", help="comma list of sections to run (default: all but --skip)"
     )
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
+    unknown = (skip | only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    if only:
+        skip |= set(SECTIONS) - only
     q = args.quick
     rounds, batch = (5, 300) if q else (31, 2000)
     with_otel = _otel_available()
@@ -717,6 +859,28 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
         )
+    if "request" not in skip:
+        # sqlprobe's variants and the instrumentation, as an application would run them.
+        keep = {
+            "bare",
+            "sqlprobe metrics only",
+            "sqlprobe defaults (+ N+1)",
+            "otel-instrumentation-sqlalchemy",
+        }
+        rvs = [v for v in vs if v.name in keep]
+        rr, rb = (5, 100) if q else (41, 200)
+        emit("### Per request unit (checkout, begin, 3 primary-key SELECTs, commit, checkin)")
+        with tempfile.TemporaryDirectory(prefix="sqlprobe-bench-") as tmp:
+            units, stmts = request_unit(
+                f"sqlite:///{tmp}/bench.db", rvs, rounds=rr, batch=rb, parent=parent
+            )
+        emit(request_table(f"SQLite file, QueuePool ({rr}×{rb})", units, stmts))
+        if _reachable(PG_URL):
+            pb = max(50, rb // 4)
+            units, stmts = request_unit(PG_URL, rvs, rounds=rr, batch=pb, parent=parent)
+            emit(request_table(f"PostgreSQL psycopg, QueuePool ({rr}×{pb})", units, stmts))
+        else:
+            emit(f"PostgreSQL at {PG_URL} not reachable: no PostgreSQL row.")
     if "async" not in skip:
         pr, pb = max(5, rounds), max(200, batch // 4)
         emit(

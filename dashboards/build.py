@@ -469,9 +469,11 @@ def pool_dashboard() -> Dashboard:
     )
     dashboard = dashboard.with_panel(
         graph(
-            "Connects and invalidations",
-            "New DBAPI connections opened and connections invalidated per second "
-            "(sqlprobe_pool_connects_total, sqlprobe_pool_invalidations_total).",
+            "Connects, connect errors and invalidations",
+            "New DBAPI connections opened, attempts that failed (the database refused or "
+            "was unreachable) and connections invalidated per second "
+            "(sqlprobe_pool_connects_total, sqlprobe_pool_connect_errors_total, "
+            "sqlprobe_pool_invalidations_total).",
             "ops",
             [
                 target(
@@ -482,6 +484,14 @@ def pool_dashboard() -> Dashboard:
                     f"sum by (engine) ({rate('sqlprobe_pool_invalidations_total')})",
                     "invalidations {{engine}}",
                     "B",
+                ),
+                # The error series exist only once a connect failed: `or 0 x connects`
+                # shows 0 rather than "No data" until then.
+                target(
+                    f"sum by (engine) ({rate('sqlprobe_pool_connect_errors_total')}) "
+                    f"or sum by (engine) (0 * {rate('sqlprobe_pool_connects_total')})",
+                    "connect errors {{engine}}",
+                    "C",
                 ),
             ],
         )

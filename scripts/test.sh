@@ -44,6 +44,7 @@ log "lint and types"
 .venv/bin/ruff check sqlprobe tests benchmarks examples dashboards
 .venv/bin/ruff format --check sqlprobe tests benchmarks examples dashboards
 .venv/bin/mypy
+.venv/bin/lint-imports
 
 log "tests (SQLAlchemy 2.1)"
 set +e

@@ -37,7 +37,7 @@ __all__ = [
     "start_http_server",
 ]
 
-__version__ = "0.1.0.dev0"
+from ._core._version import __version__ as __version__
 
 _EXPORTS = {
     "EngineInfo": "._probe",

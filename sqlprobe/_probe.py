@@ -1,47 +1,46 @@
-"""``attach``, ``Probe`` and ``detach``: the handle that owns what it registered.
+"""``attach``, ``Probe`` and ``detach``: the composition root.
 
-A :class:`Probe` is created once per engine. At attach time it works out everything
-that does not change per statement (the ``engine`` label, the server address for
-spans, the Prometheus series, the collector and its sinks) and registers its
-listeners; :meth:`Probe.detach` removes exactly those listeners and nothing else.
+This is the one module that knows every feature. At attach time it works out
+everything that does not change per statement (the engine facts, the Prometheus
+series, the collector and what it fans out to), builds each sink and analysis from
+data (an :class:`~._core._records.AttachContext`, its own options, a containment
+callback), wires them to the hooks, and keeps the undo of each. No sink or analysis
+ever sees the probe; :meth:`Probe.detach` undoes exactly what attach did.
+
+The wiring of one engine, in order::
+
+    statement hooks -> collector -> trace step (spans, OTel metrics)
+                                 -> metrics sink (the Prometheus series)
+                                 -> unit step (N+1 detector -> series, log, captures)
+                                 -> record sinks (slow-query log -> EXPLAIN; captures)
+    pool hooks      -> pool sink (the series [+ OTel pool metrics])
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import structlog
 from sqlalchemy.engine import URL, Engine
 
 from . import _state
+from ._analysis._explain import Explainer
+from ._analysis._nplusone import Detector
 from ._config import Options, build_options, env_enabled
 from ._core._collector import Collector
-from ._hooks._statement import Listener, install_statement_hooks, remove_listeners
+from ._core._contain import Containment
+from ._core._errors import error_namer
+from ._core._records import AttachContext, EngineInfo
+from ._hooks._pool import PoolFanout, PoolHooks, keeps_connections
+from ._hooks._statement import wrap_execution
+from ._sinks import _otel, _sqlcommenter
+from ._sinks._slowlog import SlowQueryLog
 
 __all__ = ["EngineInfo", "Probe", "StatementStats", "attach", "engine_label"]
-
-#: A feature installer gets the new probe at attach time and returns a function that
-#: undoes what it did (or None). Each feature module (pool metrics, spans, slow-query
-#: log, N+1 detection) exposes one ``install``; the probe runs them in this order.
-Installer = Callable[["Probe"], "Callable[[], None] | None"]
-
-
-def _installers() -> tuple[Installer, ...]:
-    from ._analysis import _nplusone
-    from ._hooks import _pool
-    from ._sinks import _multiprocess, _otel, _slowlog
-
-    return (
-        _pool.install,
-        _multiprocess.install,
-        _otel.install,
-        _slowlog.install,
-        _nplusone.install,
-    )
 
 
 # Semantic-convention names of the database systems we know; the backend name otherwise.
@@ -55,28 +54,23 @@ _SYSTEM_NAMES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class EngineInfo:
-    """What sqlprobe knows of an engine, computed once at attach (no credentials)."""
-
-    name: str
-    system: str
-    driver: str
-    host: str | None
-    port: int | None
-    database: str | None
-
-
 def engine_label(url: URL) -> str:
-    """``dialect://host:port/database`` of an engine URL, never with user or password."""
-    backend = url.get_backend_name()
-    if backend == "sqlite":
-        return f"sqlite:///{url.database or ':memory:'}"
-    host = url.host or ""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 address
-    port = f":{url.port}" if url.port else ""
-    return f"{backend}://{host}{port}/{url.database or ''}"
+    """``dialect://host:port/database`` of an engine URL, never with user or password.
+
+    Never raises: an unusual URL object gives ``"unknown"`` rather than break the
+    application's ``create_engine()``.
+    """
+    try:
+        backend = url.get_backend_name()
+        if backend == "sqlite":
+            return f"sqlite:///{url.database or ':memory:'}"
+        host = url.host or ""
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address
+        port = f":{url.port}" if url.port else ""
+        return f"{backend}://{host}{port}/{url.database or ''}"
+    except Exception:
+        return "unknown"
 
 
 def _engine_info(engine: Engine, name: str | None) -> EngineInfo:
@@ -95,6 +89,46 @@ def _engine_info(engine: Engine, name: str | None) -> EngineInfo:
     )
 
 
+class _DefaultLogger:
+    """The logger of a probe attached without ``logger=``.
+
+    A library must not write to standard output. While the application has configured
+    structlog, events go to ``structlog.get_logger("sqlprobe")`` (its processors, its
+    output); otherwise through the standard library's ``logging`` logger ``sqlprobe``,
+    so they follow the application's logging set-up (and reach standard error through
+    logging's last-resort handler for warnings). The choice is made per event, so an
+    application that configures logging after attach is followed.
+    """
+
+    def __init__(self) -> None:
+        self._stdlib = logging.getLogger("sqlprobe")
+
+    def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if structlog.is_configured():
+            getattr(structlog.get_logger("sqlprobe"), logging.getLevelName(level).lower())(
+                event, **fields
+            )
+            return
+        if self._stdlib.isEnabledFor(level):
+            text = " ".join(f"{k}={v!r}" for k, v in fields.items())
+            self._stdlib.log(
+                level,
+                "%s %s",
+                event,
+                text,
+                extra={"sqlprobe_event": event, "sqlprobe_fields": fields},
+            )
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit(logging.ERROR, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit(logging.INFO, event, fields)
+
+
 class StatementStats(NamedTuple):
     """Totals of one statement shape on one engine, as :meth:`Probe.statements` returns."""
 
@@ -108,29 +142,29 @@ class StatementStats(NamedTuple):
 
     @property
     def mean_seconds(self) -> float:
+        """Average execution time of the shape, in seconds."""
         return self.total_seconds / self.calls if self.calls else 0.0
 
 
 class Probe:
-    """The handle :func:`attach` returns; owns exactly the listeners it registered.
+    """The handle :func:`attach` returns; owns exactly what it registered.
 
     A probe made by ``attach()`` without an engine (``engine`` is None) watches every
-    engine created afterwards; its :attr:`probes` lists the engines it attached, and
-    detaching it detaches them too.
+    engine created afterwards; its :attr:`probes` lists the engines it attached that
+    are still alive, and detaching it detaches them too.
     """
 
     def __init__(self, engine: Any, options: Options | None) -> None:
         self._engine_ref = weakref.ref(engine) if engine is not None else None
         self._options = options
-        self._listeners: list[Listener] = []
-        self._undo: list[Callable[[], None]] = []
-        self._children: list[Probe] = []
-        self._lock = threading.Lock()
+        self._undo: list[Callable[[], Any]] = []
+        self._children: weakref.WeakSet[Probe] = weakref.WeakSet()
         self._attached = False
+        #: True for an engine's probe made by ``attach()`` without an engine
+        self._implicit = False
         self.info: EngineInfo | None = None
         self.collector: Collector | None = None
-        #: Pool metrics and their observers (``_pool.PoolMetrics``); None for the global probe.
-        self.pool: Any = None
+        self._series: Any = None
 
     # -- public -------------------------------------------------------------------
 
@@ -156,108 +190,184 @@ class Probe:
 
     @property
     def probes(self) -> Sequence[Probe]:
-        """The engines a global probe attached (empty for an engine's probe)."""
-        return tuple(self._children)
+        """The live engines a global probe attached (empty for an engine's probe)."""
+        return tuple(p for p in self._children if p.attached)
 
     def statements(self) -> list[StatementStats]:
         """Totals per statement shape so far, largest total time first."""
-        collector = self.collector
-        if collector is None:
+        series = self._series
+        if series is None:
             out: list[StatementStats] = []
-            for child in self._children:
+            for child in self.probes:
                 out.extend(child.statements())
             return sorted(out, key=lambda s: s.total_seconds, reverse=True)
-        series = collector.series
         with series.lock:
             shapes = list(series.shapes.values())
-            if series.other.calls:
-                shapes.append(series.other)
             rows = [
                 StatementStats(
                     s.fingerprint, s.operation, s.table, s.statement, s.calls, s.seconds, s.rows
                 )
                 for s in shapes
             ]
+            other = list(series.other.values())
+        if other and sum(s.calls for s in other):
+            first = other[0]
+            rows.append(
+                StatementStats(
+                    first.fingerprint, "OTHER", "", first.statement,
+                    sum(s.calls for s in other), sum(s.seconds for s in other),
+                    sum(s.rows for s in other),
+                )
+            )  # fmt: skip
         return sorted(rows, key=lambda s: s.total_seconds, reverse=True)
 
     def detach(self) -> None:
-        """Remove every listener this probe added; safe to call more than once."""
+        """Remove everything this probe added; its series keep their totals.
+
+        Safe to call more than once. Counters and histograms stay in the registry
+        (attaching an engine again under the same name continues them), so nothing
+        counted before the detach is lost before the next scrape.
+        """
         _state.run_deferred()
         with _state.lock:
             if not self._attached:
                 return
             self._attached = False
-            for child in self._children:
+            for child in list(self._children):
                 child.detach()
             self._children.clear()
-            remove_listeners(self._listeners)
-            self._listeners.clear()
-            for undo in reversed(self._undo):
+            undo, self._undo = self._undo, []
+            for fn in reversed(undo):
                 try:
-                    undo()
-                except Exception:
+                    fn()
+                except Exception:  # undo all it can
                     continue
-            self._undo.clear()
-            self._release()
             engine = self.engine
             sync = getattr(engine, "sync_engine", engine)
             if sync is not None and _state.probes.get(sync) is self:
                 del _state.probes[sync]
+            if _state.global_probe and _state.global_probe[0] is self:
+                _state.global_probe.clear()
 
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"
         return f"<sqlprobe.Probe {self.name or '(all engines)'} {state}>"
 
-    # -- internals ----------------------------------------------------------------
+    # -- wiring ---------------------------------------------------------------------
 
-    def _attach_engine(self, sync_engine: Engine) -> None:
+    def _attach_engine(self, sync: Engine) -> None:
         options = self._options
         assert options is not None
-        info = self.info = _engine_info(sync_engine, options.name)
+        info = self.info = _engine_info(sync, options.name)
+        dialect = sync.dialect
         exporter = _state.exporter_for(options.registry)
-        series = exporter.engine_series(info.name, options.buckets, options.max_fingerprints)
-        logger = options.logger or structlog.get_logger("sqlprobe")
+        series = self._series = exporter.engine_series(
+            info.name, options.buckets, options.max_fingerprints
+        )
+        logger = options.logger or _DefaultLogger()
+        contain = Containment(info.name, exporter.internal_error, logger)
+        ctx = AttachContext(info=info, dialect=dialect, contain=contain, logger=logger)
+        error_name = error_namer(dialect)
+        undo = self._undo
+        self._attached = True
+        released = threading.Lock()
 
         def release() -> None:
-            if exporter.release(series):
-                _state.release_exporter(options.registry, exporter)
+            if released.acquire(blocking=False):
+                exporter.release(series)
 
-        self._release_fn: Callable[[], None] | None = release
-        self.collector = Collector(
-            engine_name=info.name,
-            series=series,
-            exporter=exporter,
-            slow_query_threshold=options.slow_query_threshold,
-            logger=logger,
-        )
-        self._attached = True
+        undo.append(release)
         try:
-            self.add_listeners(install_statement_hooks(sync_engine, self.collector))
-            for installer in _installers():
-                undo = installer(self)
-                if undo is not None:
-                    self._undo.append(undo)
+            pool = PoolHooks(sync, contain=contain, error_name=error_name)
+            otel = _otel.build(
+                ctx,
+                tracer_provider=options.tracer_provider,
+                meter_provider=options.meter_provider,
+                buckets=options.buckets,
+                snapshot=pool.snapshot,
+            )
+            undo.append(otel.close)
+
+            explainer = None
+            if options.explain:
+                database = sync.url.database or ""
+                explainer = Explainer(
+                    ctx,
+                    connect=pool.side_connection,
+                    capture_parameters=options.capture_parameters,
+                    in_memory=database in ("", ":memory:") or "mode=memory" in str(sync.url),
+                )
+                _state.on_fork(explainer)
+                _state.at_exit(explainer)
+                undo.append(explainer.close)
+            slowlog = SlowQueryLog(
+                ctx,
+                threshold=options.slow_query_threshold,
+                capture_parameters=options.capture_parameters,
+                explainer=explainer,
+            )
+
+            unit = None
+            if options.n_plus_one_threshold > 0:
+                detector = Detector(
+                    ctx,
+                    options.n_plus_one_threshold,
+                    count=series.detected,
+                    listeners=_state.detection_listeners,
+                )
+                unit = detector.on_statement
+                _state.retain_orm_hook()
+                undo.append(_once(_state.release_orm_hook))
+
+            collector = self.collector = Collector(
+                engine_name=info.name,
+                metrics=series,
+                contain=contain,
+                error_name=error_name,
+                slow_query_threshold=options.slow_query_threshold,
+                trace=otel.trace,
+                unit=unit,
+                slow_sinks=(slowlog,),
+            )
+            comment = _sqlcommenter.build(
+                options.sqlcommenter,
+                driver=info.driver,
+                dbapi=getattr(dialect, "loaded_dbapi", None),
+                paramstyle=dialect.paramstyle,
+                trace_context=_otel.trace_context_fn() if otel.trace is not None else None,
+                on_error=contain,
+            )
+            undo.append(
+                wrap_execution(
+                    dialect,
+                    collector,
+                    rewrite=comment[0] if comment else None,
+                    rewrite_no_params=comment[1] if comment else None,
+                )
+            )
+
+            pool_sink: Any = (
+                series if otel.pool is None else PoolFanout((series, otel.pool), contain)
+            )
+            series.add_pool(pool.snapshot, keeps_connections(sync.pool))
+            undo.append(lambda: series.remove_pool(pool.snapshot))
+            undo.append(pool.install(pool_sink))
         except BaseException:
             self.detach()
             raise
-        # An engine dropped without detach() must not leave its series behind (the
-        # clean-up runs at the next safe point, see _state.defer).
-        weakref.finalize(sync_engine, _state.defer, self._release)
-
-    def add_listeners(self, listeners: list[Listener]) -> None:
-        """Own listeners some installer registered; targets are held weakly."""
-        for target, name, fn in listeners:
+        # An engine dropped without detach() must not keep its share of process-wide
+        # state (the ORM hook, the series reference); its totals stay, bounded. The
+        # clean-up runs at the next safe point (see _state.defer).
+        weakref.finalize(sync, _state.defer, self._forget)
+        for listener in _state.attach_listeners():
             try:
-                held: Any = weakref.ref(target)
-            except TypeError:
-                held = target
-            self._listeners.append((held, name, fn))
+                listener(self)
+            except Exception:  # a capture must never break attach()
+                continue
 
-    def _release(self) -> None:
-        fn = getattr(self, "_release_fn", None)
-        self._release_fn = None
-        if fn is not None:
-            fn()
+    def _forget(self) -> None:
+        """Undo what outlives a garbage-collected engine (listeners died with it)."""
+        self.detach()
 
     def _attach_global(self) -> None:
         from sqlalchemy.engine.interfaces import Dialect
@@ -274,16 +384,21 @@ class Probe:
         def engine_created(cls: type, engine: Engine) -> None:
             original.__func__(cls, engine)
             try:
+                _state.run_deferred()
                 with _state.lock:
                     if probe._attached and engine not in _state.probes:
                         child = Probe(engine, probe._options)
+                        child._implicit = True
                         child._attach_engine(engine)
                         _state.probes[engine] = child
-                        probe._children.append(child)
+                        probe._children.add(child)
             except Exception:
-                structlog.get_logger("sqlprobe").error(
-                    "internal_error", stage="attach", engine=engine_label(engine.url)
-                )
+                try:
+                    options = probe._options
+                    logger = (options.logger if options else None) or _DefaultLogger()
+                    logger.error("internal_error", stage="attach", engine=engine_label(engine.url))
+                except Exception:  # never break the application's create_engine()
+                    pass
 
         Dialect.engine_created = classmethod(engine_created)  # type: ignore[method-assign,assignment]
 
@@ -295,7 +410,47 @@ class Probe:
         self._attached = True
 
 
-_global_probe: list[Probe] = []
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    done = threading.Lock()
+
+    def run() -> None:
+        if done.acquire(blocking=False):
+            fn()
+
+    return run
+
+
+def _differences(old: Options, new: Options) -> list[str]:
+    return [
+        field
+        for field in Options.__dataclass_fields__
+        if getattr(old, field) is not getattr(new, field)
+        and getattr(old, field) != getattr(new, field)
+    ]
+
+
+def _check_same(existing: Probe, options: Options, what: str) -> Probe:
+    old = existing.options
+    if old is not None:
+        differ = _differences(old, options)
+        if differ:
+            raise ValueError(
+                f"{what} is already attached with other options ({', '.join(differ)}); "
+                "detach() it first, or call attach() with the same options"
+            )
+    return existing
+
+
+def _not_an_engine(engine: Any) -> TypeError:
+    kind = type(engine).__name__
+    hint = "pass an Engine (create_engine(url)) or an AsyncEngine (create_async_engine(url))"
+    if isinstance(engine, (str, URL)):
+        hint = f"pass create_engine({str(engine)!r}), not the URL itself"
+    elif hasattr(engine, "get_bind"):
+        hint = "pass the session's engine: session.get_bind() (or the engine it was made with)"
+    elif hasattr(engine, "engine") and isinstance(getattr(engine, "engine", None), Engine):
+        hint = "pass connection.engine"
+    return TypeError(f"attach() takes a SQLAlchemy Engine or AsyncEngine, got {kind}: {hint}")
 
 
 def attach(
@@ -317,9 +472,12 @@ def attach(
     """Attach sqlprobe to an engine and return the :class:`Probe` that owns it.
 
     ``engine`` is an ``Engine`` or ``AsyncEngine``; without one, every engine created
-    afterwards is attached with these options. A second call for the same engine
-    returns the existing probe (nothing is counted twice). Options are validated here:
-    a bad value raises ``ValueError`` saying which option and why.
+    afterwards is attached with these options. A second call for the same engine with
+    the same options returns the existing probe (nothing is counted twice); with other
+    options it raises ``ValueError`` naming them, unless the engine was attached by
+    ``attach()`` without an engine: then the explicit call's options replace those.
+    Options are validated here: a bad value raises ``ValueError`` saying which option
+    and why.
 
     ``slow_query_threshold`` and ``capture_parameters`` default to the
     ``SQLPROBE_SLOW_QUERY_MS`` and ``SQLPROBE_CAPTURE_PARAMETERS`` environment
@@ -350,24 +508,27 @@ def attach(
     if engine is not None:
         sync_engine = getattr(engine, "sync_engine", engine)
         if not isinstance(sync_engine, Engine):
-            raise TypeError(
-                f"attach() takes a SQLAlchemy Engine or AsyncEngine, got {type(engine).__name__}"
-            )
+            raise _not_an_engine(engine)
 
     if not env_enabled():
         return Probe(engine, None)
 
     with _state.lock:
         if sync_engine is None:
-            if _global_probe and _global_probe[0].attached:
-                return _global_probe[0]
+            if _state.global_probe and _state.global_probe[0].attached:
+                return _check_same(_state.global_probe[0], options, "attach() for all engines")
             probe = Probe(None, options)
             probe._attach_global()
-            _global_probe[:] = [probe]
+            _state.global_probe[:] = [probe]
             return probe
         existing = _state.probes.get(sync_engine)
         if existing is not None and existing.attached:
-            return existing
+            old = existing.options
+            if not existing._implicit or old is None or not _differences(old, options):
+                return _check_same(existing, options, "this engine")
+            # The application's own attach() of one engine wins over attach() for all
+            # engines (e.g. under ``sqlprobe run``): the blanket probe steps aside.
+            existing.detach()
         probe = Probe(engine, options)
         probe._attach_engine(sync_engine)
         _state.probes[sync_engine] = probe

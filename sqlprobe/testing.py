@@ -52,8 +52,8 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._analysis._nplusone import (
-    Detection,
+from ._core._records import Detection
+from ._state import (
     add_attach_listener,
     add_detection_listener,
     remove_attach_listener,
@@ -61,7 +61,7 @@ from ._analysis._nplusone import (
 )
 
 if TYPE_CHECKING:
-    from ._core._collector import StatementRecord
+    from ._core._records import StatementRecord
     from ._probe import Probe
 
 __all__ = ["NOISE", "CapturedStatement", "Detection", "QueryCapture", "capture"]

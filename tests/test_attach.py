@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 import sqlprobe
@@ -120,26 +120,31 @@ def test_label_never_contains_credentials(registry: CollectorRegistry) -> None:
     probe.detach()
 
 
-def test_last_detach_unregisters_from_registry(sqlite_engine: Engine) -> None:
-    """When the last probe on a registry detaches, sqlprobe's collector leaves the registry."""
+def test_last_detach_keeps_the_totals_in_the_registry(sqlite_engine: Engine) -> None:
+    """When the last probe on a registry detaches, its series and totals stay registered."""
     registry = CollectorRegistry()
-    probe = sqlprobe.attach(sqlite_engine, registry=registry)
-    assert any(m.name.startswith("sqlprobe_") for m in registry.collect())
+    probe = sqlprobe.attach(sqlite_engine, registry=registry, name="last")
+    _run(sqlite_engine, times=2)
     probe.detach()
-    assert not any(m.name.startswith("sqlprobe_") for m in registry.collect())
+    assert total(registry, CALLS, engine="last") == 2
+    assert any(m.name == "sqlprobe_pool_connects" for m in registry.collect())
 
 
-def test_dropped_engine_releases_its_series() -> None:
-    """An engine garbage-collected without detach() takes its series with it."""
+def test_dropped_engine_keeps_its_totals_and_releases_its_share() -> None:
+    """An engine garbage-collected without detach() keeps its totals; its probe goes."""
+    from sqlprobe import _state
+
     registry = CollectorRegistry()
     engine = create_engine("sqlite://")
-    sqlprobe.attach(engine, registry=registry, name="short-lived")
+    probe = sqlprobe.attach(engine, registry=registry, name="short-lived")
     _run(engine)
     assert total(registry, CALLS, engine="short-lived") == 1
     engine.dispose()
     del engine
     gc.collect()
-    assert total(registry, CALLS, engine="short-lived") == 0
+    assert total(registry, CALLS, engine="short-lived") == 1  # the scrape ran the clean-up
+    assert not probe.attached
+    assert probe not in _state.probes.values()
 
 
 def test_global_attach_watches_new_engines(registry: CollectorRegistry) -> None:
@@ -155,8 +160,8 @@ def test_global_attach_watches_new_engines(registry: CollectorRegistry) -> None:
         probe.detach()
     later = create_engine("sqlite://")
     _run(later)
-    assert total(registry, CALLS) == 0
-    assert not event.contains(later, "do_execute", lambda *a: None)
+    assert total(registry, CALLS) == 4  # the totals stay, the later engine is not counted
+    assert "do_execute" not in vars(later.dialect)
 
 
 async def test_async_engine_is_attached_through_its_sync_engine(
@@ -293,14 +298,15 @@ def test_import_does_no_work() -> None:
 def test_engine_collected_while_sqlprobe_holds_a_lock() -> None:
     """An engine collected inside one of sqlprobe's locks queues its clean-up: no deadlock."""
     from sqlprobe import _state
-    from sqlprobe._analysis import _nplusone
 
     registry = CollectorRegistry()
     engine = create_engine("sqlite://")
-    sqlprobe.attach(engine, registry=registry, name="gc-in-lock")
+    probe = sqlprobe.attach(engine, registry=registry, name="gc-in-lock")
     _run(engine)
     exporter = _state.exporter_for(registry)
     del engine
-    with exporter.lock, _nplusone._listeners_lock:
+    with exporter.lock, _state.lock:
         gc.collect()  # the engine's finalizers run here and must not take these locks
-    assert total(registry, CALLS, engine="gc-in-lock") == 0  # the scrape ran the clean-up
+    assert probe.attached  # queued, not run inside the locks
+    assert total(registry, CALLS, engine="gc-in-lock") == 1  # the scrape ran the clean-up
+    assert not probe.attached

@@ -153,7 +153,9 @@ def test_skip_reason_rules() -> None:
     from sqlprobe._core._fingerprint import analyze
 
     def reason(sql: str, params: Any = None, batch: int = 0) -> str | None:
-        record = StatementRecord("e", sql, analyze(sql), 0.0, 1.0, 1, batch, params, None, None)
+        record = StatementRecord(
+            "e", sql, analyze(sql), 0.0, 1.0, 1, batch, params, None, None, None
+        )
         return skip_reason(record)
 
     assert reason("SELECT * FROM t WHERE id = %(id)s", {"id": 1}) is None

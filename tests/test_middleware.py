@@ -115,8 +115,8 @@ async def test_asgi_fallback_and_custom_route(
         assert isinstance(current, RequestScope)
         seen.append((current.name, current.route))
         with sqlite_engine.connect() as conn:
-            for _ in range(5):
-                conn.execute(text("SELECT 1"))
+            for i in range(5):  # one statement per item: different values
+                conn.execute(text("SELECT :i"), {"i": i})
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -186,8 +186,8 @@ def test_wsgi_streamed_body_runs_in_scope(
     class Body:
         def __iter__(self) -> Iterator[bytes]:
             with sqlite_engine.connect() as conn:
-                for _ in range(5):
-                    conn.execute(text("SELECT 2"))
+                for i in range(5):
+                    conn.execute(text("SELECT :i"), {"i": i})
                     yield b"x"
 
         def close(self) -> None:

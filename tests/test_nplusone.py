@@ -24,6 +24,7 @@ from structlog.testing import LogCapture
 import sqlprobe
 from sqlprobe import _state
 from sqlprobe._analysis import _nplusone
+from sqlprobe._hooks import _orm
 from sqlprobe._scenario import Base, Order, User, seed
 
 from .conftest import make_logger, total
@@ -295,38 +296,58 @@ def test_session_subclass_and_sessionmaker(
 
 def test_threshold_zero_installs_nothing(demo_engine: Engine, registry: CollectorRegistry) -> None:
     """n_plus_one_threshold=0 turns detection off: no callback and no ORM listener."""
-    users = _nplusone._orm_users
+    users = _state._orm_users
     probe = sqlprobe.attach(demo_engine, registry=registry, n_plus_one_threshold=0)
     assert probe.collector is not None
-    assert probe.collector.per_statement is None
-    assert _nplusone._orm_users == users
+    assert probe.collector.unit is None
+    assert _state._orm_users == users
 
 
 def test_orm_listener_removed_with_last_probe(registry: CollectorRegistry) -> None:
     """The Session-class listener lives while a probe detects N+1; detach or GC ends it."""
     gc.collect()  # engines other tests dropped without detach() release their share
     _state.run_deferred()  # (at the next safe point: attach, detach or a scrape)
-    base = _nplusone._orm_users
+    base = _state._orm_users
     one, two = create_engine("sqlite://"), create_engine("sqlite://")
     first = sqlprobe.attach(one, registry=registry, name="one")
     second = sqlprobe.attach(two, registry=registry, name="two")
-    assert _nplusone._orm_users == base + 2
-    assert event.contains(Session, "do_orm_execute", _nplusone._on_orm_execute)
+    assert _state._orm_users == base + 2
+    assert event.contains(Session, "do_orm_execute", _orm._on_orm_execute)
     first.detach()
-    assert event.contains(Session, "do_orm_execute", _nplusone._on_orm_execute)
+    assert event.contains(Session, "do_orm_execute", _orm._on_orm_execute)
     second.detach()
-    assert _nplusone._orm_users == base
+    assert _state._orm_users == base
     if base == 0:
-        assert not event.contains(Session, "do_orm_execute", _nplusone._on_orm_execute)
+        assert not event.contains(Session, "do_orm_execute", _orm._on_orm_execute)
     three = create_engine("sqlite://")
     sqlprobe.attach(three, registry=registry, name="three")
-    assert _nplusone._orm_users == base + 1
+    assert _state._orm_users == base + 1
     with three.connect() as conn:  # the detector's per-transaction state must not pin it
         conn.exec_driver_sql("SELECT 1")
     del three, conn
     gc.collect()
     _state.run_deferred()
-    assert _nplusone._orm_users == base
+    assert _state._orm_users == base
+
+
+def test_identical_repeats_are_not_n_plus_one(
+    sqlite_engine: Engine, registry: CollectorRegistry, logs: LogCapture
+) -> None:
+    """A SELECT repeated without parameters, or with its first values, is no N+1."""
+    sqlprobe.attach(sqlite_engine, registry=registry, logger=make_logger(logs))
+    with sqlite_engine.connect() as conn:
+        for _ in range(8):
+            conn.exec_driver_sql("SELECT 1")
+    with sqlite_engine.connect() as conn:
+        for _ in range(8):
+            conn.exec_driver_sql("SELECT ?", (7,))
+    assert events(logs) == []
+    assert total(registry, N_PLUS_ONE) == 0
+    with sqlite_engine.connect() as conn:  # the same loop with varying values is one
+        for i in range(8):
+            conn.exec_driver_sql("SELECT ?", (i,))
+    assert len(events(logs)) == 1
+    assert total(registry, N_PLUS_ONE) == 1
 
 
 def test_counts_per_unit_are_bounded(
@@ -347,8 +368,8 @@ def test_shared_series_exports_one_sample(registry: CollectorRegistry, logs: Log
     for engine in engines:
         sqlprobe.attach(engine, registry=registry, name="shared", logger=make_logger(logs))
         with engine.connect() as conn:
-            for _ in range(5):
-                conn.exec_driver_sql("SELECT 1")
+            for i in range(5):  # varying parameters: a repeat of one value is no N+1
+                conn.exec_driver_sql("SELECT ?", (i,))
     samples = [s for m in registry.collect() for s in m.samples if s.name == N_PLUS_ONE]
     assert len(samples) == 1
     assert samples[0].value == 2

@@ -21,11 +21,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest
 from sqlalchemy import exc, text
 from sqlalchemy.engine import Engine
+from structlog.testing import LogCapture
 
 import sqlprobe
 from sqlprobe._core._collector import StatementRecord
 
-from .conftest import sample
+from .conftest import make_logger, sample
 
 pytestmark = pytest.mark.smoke
 
@@ -341,24 +342,29 @@ class _Keep:
 
 
 def test_record_span_set_before_slow_sinks(
-    sqlite_engine: Engine, registry: CollectorRegistry, tracing: Tracing
+    sqlite_engine: Engine, registry: CollectorRegistry, tracing: Tracing, logs: LogCapture
 ) -> None:
-    """Slow-query sinks see record.span: the SpanContext of the statement's own span."""
+    """Record sinks see record.span (the statement's own span); so does the slow-query log."""
     probe = sqlprobe.attach(
         sqlite_engine,
         registry=registry,
         tracer_provider=tracing.provider,
         slow_query_threshold=0,
+        logger=make_logger(logs),
     )
     keep = _Keep()
     assert probe.collector is not None
-    probe.collector.add_sink(keep, slow_only=True)
+    probe.collector.add_sink(keep)
     try:
         with tracing.tracer.start_as_current_span("request"), sqlite_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         (span,) = tracing.spans()
         (record,) = keep.records
         assert record.span == span.get_span_context()
+        # The slow-query log (a slow sink) links the statement's span, not the request's.
+        (event,) = [e for e in logs.entries if e["event"] == "slow_query"]
+        assert event["span_id"] == format(span.get_span_context().span_id, "016x")
+        assert event["trace_id"] == format(span.get_span_context().trace_id, "032x")
     finally:
         probe.detach()
 

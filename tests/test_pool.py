@@ -17,7 +17,7 @@ from sqlalchemy.pool import NullPool, SingletonThreadPool, StaticPool
 
 import sqlprobe
 
-from .conftest import PG_URL, _need, sample
+from .conftest import PG_URL, _need, sample, total
 
 pytestmark = pytest.mark.smoke
 
@@ -276,7 +276,9 @@ def test_detach_removes_every_listener_and_wrapper(
     assert not engine._has_events
     with engine.begin() as conn:
         conn.execute(text("select 1"))
-    assert registry.get_sample_value(CONNECTS, {"engine": "pg"}) is None
+    # The series keeps its totals after detach; what ran detached is not counted.
+    assert registry.get_sample_value(CONNECTS, {"engine": "pg"}) == 0
+    assert sample(registry, f"{WAIT}_count", engine="pg") == 0
     again = sqlprobe.attach(engine, registry=registry, name="pg")
     with engine.begin() as conn:
         conn.execute(text("select 1"))
@@ -322,56 +324,94 @@ def test_engines_sharing_a_name_add_up(pg_pool: Any, registry: CollectorRegistry
 
 
 class Recorder:
-    """A pool observer that records every call."""
+    """A pool sink that records every call."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, float | None]] = []
 
-    def wait(self, seconds: float) -> None:
+    def checkout(self, seconds: float) -> None:
         self.calls.append(("wait", seconds))
 
-    def use(self, seconds: float) -> None:
+    def checkin(self, seconds: float) -> None:
         self.calls.append(("use", seconds))
 
-    def create(self, seconds: float) -> None:
+    def connected(self, seconds: float) -> None:
         self.calls.append(("create", seconds))
+
+    def connect_failed(self, error: str) -> None:
+        self.calls.append(("connect_failed", None))
 
     def timeout(self) -> None:
         self.calls.append(("timeout", None))
 
+    def invalidated(self) -> None:
+        self.calls.append(("invalidated", None))
+
+    def transaction(self, outcome: str, seconds: float) -> None:
+        self.calls.append((outcome, seconds))
+
 
 class Broken(Recorder):
-    """An observer whose every method raises."""
+    """A pool sink whose checkout and checkin raise."""
 
-    def wait(self, seconds: float) -> None:
-        raise RuntimeError("observer bug")
+    def checkout(self, seconds: float) -> None:
+        raise RuntimeError("sink bug")
 
-    def use(self, seconds: float) -> None:
-        raise RuntimeError("observer bug")
+    def checkin(self, seconds: float) -> None:
+        raise RuntimeError("sink bug")
 
 
-def test_observers_get_measurements_and_failures_are_contained(
+def test_pool_sinks_get_measurements_and_failures_are_contained(
     pg_pool: Any, registry: CollectorRegistry
 ) -> None:
-    """probe.pool observers see wait/use/create/timeout; a failing one is contained."""
+    """Pool sinks see create/wait/timeout/use; a failing one is contained, the others still run."""
+    from sqlprobe._core._contain import Containment
+    from sqlprobe._core._errors import error_namer
+    from sqlprobe._hooks._pool import PoolFanout, PoolHooks
+
     engine = pg_pool(pool_size=1, max_overflow=0, pool_timeout=0.05)
-    probe = sqlprobe.attach(engine, registry=registry, name="pg")
+    stages: list[str] = []
+    logged: list[dict[str, Any]] = []
+
+    class Logger:
+        def error(self, event: str, **fields: Any) -> None:
+            logged.append({"event": event, **fields})
+
+    contain = Containment("pg", stages.append, Logger())
+    hooks = PoolHooks(engine, contain=contain, error_name=error_namer(engine.dialect))
     recorder, broken = Recorder(), Broken()
-    probe.pool.add_observer(broken)
-    probe.pool.add_observer(recorder)
+    undo = hooks.install(PoolFanout((broken, recorder), contain))
     with engine.connect() as conn:
         conn.execute(text("select 1"))
-        assert probe.pool.snapshot() == (0, 1, 1)
+        assert hooks.snapshot() == (0, 1, 1)
         with pytest.raises(sa_exc.TimeoutError):
             engine.connect()
-    assert [name for name, _ in recorder.calls] == ["create", "wait", "timeout", "use"]
+    names = [name for name, _ in recorder.calls]
+    assert names == ["create", "wait", "timeout", "rollback", "use"]
     assert all(v is None or v >= 0 for _, v in recorder.calls)
-    assert sample(registry, "sqlprobe_internal_errors_total", stage="pool") == 2
-    assert probe.pool.snapshot() == (1, 0, 1)
-    probe.pool.remove_observer(recorder)
+    assert stages == ["pool", "pool"]
+    assert [e["event"] for e in logged] == ["internal_error"]  # once per stage per minute
+    assert hooks.snapshot() == (1, 0, 1)
+    undo()
     with engine.connect():
         pass
-    assert len(recorder.calls) == 4
+    assert len(recorder.calls) == 5
+    assert "connect" not in vars(engine.pool) and "do_begin" not in vars(engine.dialect)
+
+
+def test_probe_pool_gauges_follow_checkouts(pg_pool: Any, registry: CollectorRegistry) -> None:
+    """An attached probe reads idle/used/max from the pool and counts the timeout once."""
+    engine = pg_pool(pool_size=1, max_overflow=0, pool_timeout=0.05)
+    sqlprobe.attach(engine, registry=registry, name="pg")
+    with engine.connect() as conn:
+        conn.execute(text("select 1"))
+        assert gauges(registry, "pg") == (0.0, 1.0)
+        assert sample(registry, MAX, engine="pg") == 1
+        with pytest.raises(sa_exc.TimeoutError):
+            engine.connect()
+    assert gauges(registry, "pg") == (1.0, 0.0)
+    assert sample(registry, "sqlprobe_pool_checkout_timeouts_total", engine="pg") == 1
+    assert sample(registry, f"{WAIT}_count", engine="pg") == 1
 
 
 @pytest.mark.parametrize(
@@ -490,8 +530,9 @@ def test_attach_without_engine_measures_new_engines(
             conn.execute(text("select 1"))
         assert sample(registry, f"{WAIT}_count", engine="lite") == 1
         assert gauges(registry, "lite") == (1.0, 0.0)
-        child = probe.probes[0]
-        assert child.pool.snapshot() == (1, 0, 15)
+        (child,) = probe.probes
+        assert child.name == "lite"
+        assert sample(registry, "sqlprobe_pool_max_connections", engine="lite") == 15
     finally:
         probe.detach()
     assert "connect" not in vars(engine.pool)
@@ -570,3 +611,27 @@ def test_buckets(tmp_path: Any) -> None:
     assert custom.get_sample_value(f"{WAIT}_bucket", {"engine": "lite", "le": "10.0"}) is None
     engine.dispose()
     other.dispose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:////nonexistent-sqlprobe-dir/x.db", "postgresql+psycopg://postgres@127.0.0.1:1/test"],
+)
+def test_refused_connection_is_a_connect_error_not_a_query_error(
+    registry: CollectorRegistry, url: str
+) -> None:
+    """A checkout whose DBAPI connect fails counts in connect errors; no statement ran."""
+    engine = create_engine(url)
+    sqlprobe.attach(engine, registry=registry, name="down")
+    try:
+        for _ in range(2):
+            with pytest.raises(sa_exc.OperationalError):
+                engine.connect()
+        labels = {"engine": "down", "error": "OperationalError"}
+        assert registry.get_sample_value("sqlprobe_pool_connect_errors_total", labels) == 2
+        assert total(registry, "sqlprobe_query_errors_total") == 0
+        assert total(registry, "sqlprobe_statement_calls_total", engine="down") == 0
+        assert sample(registry, f"{WAIT}_count", engine="down") == 0
+        assert total(registry, "sqlprobe_internal_errors_total") == 0
+    finally:
+        engine.dispose()

@@ -159,10 +159,14 @@ async def test_async_engine(async_pg_engine: Any) -> None:
     """An AsyncEngine is captured through its sync engine."""
     async with async_pg_engine.connect() as conn:
         await conn.execute(text("SELECT 1"))  # first connect: dialect setup queries
+        await conn.execute(text("CREATE TEMP TABLE capture_async (x int)"))
+        await conn.execute(text("INSERT INTO capture_async VALUES (1), (2)"))
         with capture(async_pg_engine) as q:
             await conn.execute(text("SELECT 1 + :x"), {"x": 1})
-    assert [s.statement for s in q] == ["SELECT ? + ?"]
-    assert q[0].rows == 1
+            await conn.execute(text("UPDATE capture_async SET x = :x"), {"x": 3})
+    assert [s.statement for s in q] == ["SELECT ? + ?", "UPDATE capture_async SET x = ?"]
+    assert q[0].rows == -1  # a SELECT's row count is not read
+    assert q[1].rows == 2
 
 
 @pytest.mark.postgres
@@ -183,12 +187,10 @@ def test_first_connect_queries_are_noise(pg_engine: Engine) -> None:
 
 def test_closed_capture_leaves_nothing_registered(demo_engine: Engine) -> None:
     """After a capture closes, no listener of it stays registered and nothing more is recorded."""
-    from sqlprobe._analysis import _nplusone
-
-    before = (_nplusone._attach_listeners, _nplusone._detection_listeners)
+    before = (_state.attach_listeners(), _state.detection_listeners())
     with capture() as everything, capture(demo_engine) as one:
-        pass
-    assert (_nplusone._attach_listeners, _nplusone._detection_listeners) == before
+        assert (_state.attach_listeners(), _state.detection_listeners()) != before
+    assert (_state.attach_listeners(), _state.detection_listeners()) == before
     with demo_engine.connect() as conn:
         conn.execute(text("SELECT 1"))
     later = create_engine("sqlite://")

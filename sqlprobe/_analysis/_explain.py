@@ -28,19 +28,20 @@ for a SELECT on PostgreSQL, MySQL/MariaDB or SQLite carries a ``plan``:
     quote values).
 
 Only plain ``EXPLAIN`` runs (never ``ANALYZE``, which would execute the statement
-again). It runs on one worker thread per engine, started at the first slow SELECT,
-on its own DBAPI connection opened through the engine's connection factory (the same
-URL, ``connect_args``, ``creator`` and ``do_connect`` handlers as the application's
-connections) and closed after each plan. The application's pool is never used: an
-EXPLAIN must not take a connection the application is waiting for, run inside its
-transaction, or change its session state. One extra connection at most, for the
-duration of one EXPLAIN, is the cost. The connection's statement timeout is
-:data:`EXPLAIN_TIMEOUT` (PostgreSQL ``statement_timeout``, MariaDB
-``max_statement_time``, MySQL ``max_execution_time``, SQLite a progress handler).
-The worker replays the statement text and the raw parameters the driver received,
-through the DBAPI cursor, so the paramstyle is the driver's own. For an async driver
-(asyncpg, aiomysql, aiosqlite) the worker runs the same DBAPI calls through
-SQLAlchemy's greenlet adapter on an event loop of its own.
+again). It runs on one worker thread per engine, started at the first slow SELECT, on
+its own DBAPI connection, opened outside the application's pool but set up like the
+application's connections (the same URL, ``connect_args``, ``creator`` and
+``do_connect`` handlers, and the pool's ``connect`` event handlers, where applications
+set ``search_path`` or session variables), and closed after each plan. The
+application's pool is never used: an EXPLAIN must not take a connection the
+application is waiting for, run inside its transaction, or change its session state.
+One extra connection at most, for the duration of one EXPLAIN, is the cost. The
+connection's statement timeout is :data:`EXPLAIN_TIMEOUT` (PostgreSQL
+``statement_timeout``, MariaDB ``max_statement_time``, MySQL ``max_execution_time``,
+SQLite a progress handler). The worker replays the statement text and the raw
+parameters the driver received, through the DBAPI cursor, so the paramstyle is the
+driver's own. For an async driver (asyncpg, aiomysql, aiosqlite) the worker runs the
+same DBAPI calls through SQLAlchemy's greenlet adapter on an event loop of its own.
 
 When the event is emitted
 -------------------------
@@ -49,7 +50,9 @@ a few milliseconds later), as one ``slow_query`` event with the plan inside; the
 event is logged in a copy of the application's context (``contextvars``), so
 structlog's bound context variables and the OTel context are those of the statement.
 Every other event (no plan possible, queue full, cached plan) is logged at once on
-the application's thread. One event per statement, never two.
+the application's thread. One event per statement, never two. At interpreter exit the
+worker is given up to :data:`EXPLAIN_TIMEOUT` seconds to finish what is queued, so a
+batch job that ends right after its slow statement still logs it with its plan.
 """
 
 from __future__ import annotations
@@ -59,22 +62,18 @@ import contextvars
 import datetime
 import decimal
 import json
-import os
 import queue
 import re
 import threading
 import time
 import uuid
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._core._fingerprint import normalize
-
-if TYPE_CHECKING:
-    from .._core._collector import Collector, StatementRecord
-    from .._probe import Probe
+from .._core._ratelimit import RateLimiter
+from .._core._records import AttachContext, StatementRecord
 
 __all__ = [
     "EXPLAINS_PER_INTERVAL",
@@ -280,45 +279,48 @@ _STOP = object()
 class Explainer:
     """One engine's EXPLAIN worker: a bounded queue, one thread, a plan cache."""
 
-    def __init__(self, probe: Probe, collector: Collector) -> None:
-        assert probe.info is not None and probe.options is not None
-        engine = probe.engine
-        sync = getattr(engine, "sync_engine", engine)
-        self._engine = weakref.ref(sync)
-        self.system = probe.info.system
-        self.logger = collector.logger
-        self.internal_error = collector.internal_error
-        self.raw_plans = probe.options.capture_parameters
-        self.is_async = bool(getattr(sync.dialect, "is_async", False))
-        self.unsupported = self._unsupported(sync)
+    def __init__(
+        self,
+        ctx: AttachContext,
+        *,
+        connect: Callable[[], Any],
+        capture_parameters: bool,
+        in_memory: bool,
+    ) -> None:
+        """``connect()`` opens a new DBAPI connection set up like the application's."""
+        self.system = ctx.info.system
+        self.logger = ctx.logger
+        self.internal_error = ctx.contain
+        self.raw_plans = capture_parameters
+        self._connect = connect
+        self.is_async = bool(getattr(ctx.dialect, "is_async", False))
+        self.unsupported = self._unsupported(in_memory)
         self.prefix, self.setup = self._statements()
         self.queue: queue.Queue[Any] = queue.Queue(EXPLAIN_QUEUE_SIZE)
         self.thread: threading.Thread | None = None
         self.closed = False
         self._lock = threading.Lock()
         self._plans: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
-        self._window = -float("inf")
-        self._explains = 0
         self.clock: Callable[[], float] = time.monotonic
-        if hasattr(os, "register_at_fork"):
-            # A forked child (gunicorn --preload) has the queue but not the thread, and
-            # maybe a lock held by a thread that no longer exists: start over there.
-            reset = weakref.WeakMethod(self._after_fork)
-            os.register_at_fork(after_in_child=lambda: (fn := reset()) and fn())
+        self._limiter = RateLimiter(
+            per_key=EXPLAINS_PER_INTERVAL,
+            total=EXPLAINS_PER_INTERVAL,
+            interval=PLAN_TTL,
+            max_keys=1,
+            clock=lambda: self.clock(),
+        )
 
-    def _after_fork(self) -> None:
+    def after_fork(self) -> None:
+        """In a forked child (gunicorn --preload): the queue is there, the thread is not."""
         self.queue = queue.Queue(EXPLAIN_QUEUE_SIZE)
         self.thread = None
         self._lock = threading.Lock()
 
-    def _unsupported(self, engine: Any) -> str | None:
+    def _unsupported(self, in_memory: bool) -> str | None:
         if self.system not in _SUPPORTED:
             return f"EXPLAIN is not supported on {self.system}"
-        if self.system == "sqlite":
-            database = engine.url.database or ""
-            memory = database in ("", ":memory:") or "mode=memory" in str(engine.url)
-            if memory:
-                return "in-memory SQLite database (not visible to another connection)"
+        if self.system == "sqlite" and in_memory:
+            return "in-memory SQLite database (not visible to another connection)"
         return None
 
     def _statements(self) -> tuple[str, tuple[str, ...]]:
@@ -379,10 +381,17 @@ class Explainer:
                 thread.start()
                 self.thread = thread
 
+    def at_exit(self) -> None:
+        """At interpreter exit: plan and log what is queued, then stop (bounded wait)."""
+        self._stop(EXPLAIN_TIMEOUT + 1.0, plan_queued=True)
+
     def close(self, timeout: float = EXPLAIN_TIMEOUT + 1.0) -> None:
         """Stop the worker; queued events are still logged (with reason ``detached``)."""
+        self._stop(timeout, plan_queued=False)
+
+    def _stop(self, timeout: float, *, plan_queued: bool) -> None:
         with self._lock:
-            self.closed = True
+            self.closed = not plan_queued
             thread = self.thread
         if thread is None:
             return
@@ -427,12 +436,8 @@ class Explainer:
         if cached is not None:
             return cached
         now = self.clock()
-        if now - self._window >= PLAN_TTL:
-            self._window = now
-            self._explains = 0
-        if self._explains >= EXPLAINS_PER_INTERVAL:
+        if self._limiter.admit("explain") is None:
             return {"reason": "explain rate limited"}
-        self._explains += 1
         try:
             if loop is not None:
                 from sqlalchemy.util import greenlet_spawn
@@ -465,11 +470,8 @@ class Explainer:
         return plan
 
     def _explain(self, statement: str, parameters: Any) -> Any:
-        """Run EXPLAIN on a fresh DBAPI connection from the engine's connection factory."""
-        engine = self._engine()
-        if engine is None:
-            raise RuntimeError("engine is gone")
-        connection = engine.pool._invoke_creator(None)
+        """Run EXPLAIN on a fresh DBAPI connection set up like the application's."""
+        connection = self._connect()
         try:
             if self.system == "sqlite" and hasattr(connection, "set_progress_handler"):
                 deadline = time.monotonic() + EXPLAIN_TIMEOUT

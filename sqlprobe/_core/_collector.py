@@ -1,32 +1,52 @@
-"""Records in, sinks out: the per-engine collector behind the hooks.
+"""Records in, sinks out: the per-engine collector behind the statement hooks.
 
-The hooks (``_hooks``) hand every executed statement to :meth:`Collector.observe`
-or :meth:`Collector.failed`. The collector resolves the statement text to its shape
-through a bounded cache, updates the Prometheus accumulators, and hands a
-:class:`StatementRecord` to the sinks that asked for one. Sinks come in two kinds:
+The execution hooks (``_hooks._statement``) hand every statement the driver ran to
+:meth:`Collector.observe` or :meth:`Collector.failed`. The collector resolves the
+statement text to its shape through a bounded cache and fans the measurement out, in
+this order, to what was wired at attach:
 
-* ``sinks``: called for every statement (spans, N+1 counting, test captures);
-* ``slow_sinks``: called only for statements at or over the slow-query threshold
-  (the slow-query log, EXPLAIN).
+1. the **trace step** (spans, exemplar lookup, OTel metrics), which returns the span
+   context to link to the statement, or None;
+2. the **metrics sink** (Prometheus), through a handle it prepared once per shape, so
+   a statement costs it one locked update and no lookup;
+3. the **unit step** (N+1 counting), with the shape, the text, the execution context
+   and the parameters;
+4. **record sinks**: a :class:`~._records.StatementRecord` is built only when one will
+   read it: for every statement when a test capture is open, and for statements at or
+   over the slow-query threshold (the slow-query log, EXPLAIN).
 
-A record is built only when some sink will read it, so an engine with metrics alone
-allocates nothing per statement. Every failure inside a sink is contained here: it is
-counted in ``sqlprobe_internal_errors_total{stage}``, logged at most once per stage
-per minute, and never reaches the application.
+None of these knows any other, and none knows the probe. Every failure inside one of
+them is contained (:class:`~._contain.Containment`): counted in
+``sqlprobe_internal_errors_total{stage}``, logged at most once per stage per minute,
+never raised into the application.
+
+Rows: ``sqlprobe_statement_rows_total`` counts the driver's ``cursor.rowcount`` for
+UPDATE, DELETE and MERGE statements that return no rows, where SQLAlchemy reads it
+too; the value read is handed to SQLAlchemy's execution context, so the driver is
+asked once, as without sqlprobe. SELECT and INSERT row counts are never read
+(SQLAlchemy avoids ``cursor.rowcount`` there on purpose: it can be costly).
 """
 
 from __future__ import annotations
 
-import sys
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from .._core._fingerprint import Shape, analyze
-from .._sinks._prometheus import EngineSeries, OpStats, PrometheusExporter, ShapeStats
+from ._fingerprint import Shape, analyze
+from ._records import Contain, StatementRecord
 
-__all__ = ["Collector", "Entry", "Sink", "StatementRecord"]
+__all__ = [
+    "CACHE_MAX_CHARS",
+    "CACHE_MAX_ENTRIES",
+    "CACHE_MAX_STATEMENT",
+    "ROW_OPERATIONS",
+    "Collector",
+    "MetricsSink",
+    "RecordSink",
+    "TraceStep",
+    "UnitStep",
+]
 
 #: Bounds of the text -> shape cache: entries, and the characters of statement text it
 #: may keep alive. Statements longer than ``CACHE_MAX_STATEMENT`` are never cached: a
@@ -35,274 +55,195 @@ CACHE_MAX_ENTRIES = 4096
 CACHE_MAX_CHARS = 4 * 1024 * 1024
 CACHE_MAX_STATEMENT = 16 * 1024
 
-#: An ``internal_error`` event per stage at most this often (seconds).
-INTERNAL_ERROR_LOG_INTERVAL = 60.0
-
-#: A cache entry: the shape of a text, its per-shape counters, its per-operation series.
-Entry = tuple[Shape, ShapeStats, OpStats]
+#: Operations whose row count is read (see the module docstring).
+ROW_OPERATIONS = frozenset({"UPDATE", "DELETE", "MERGE"})
 
 
-class StatementRecord:
-    """One executed statement, as sinks see it.
+class MetricsSink(Protocol):
+    """The per-statement counters of one engine (the Prometheus sink implements it)."""
 
-    ``statement`` is the raw text sent to the driver and ``parameters`` the raw
-    parameters: sinks must not export either unless the user asked for parameters
-    (``capture_parameters``); ``shape.normalized`` is the safe text.
-    """
+    def prepare(self, shape: Shape) -> Any:
+        """A handle for a new shape, kept in the text cache (called once per text)."""
 
-    __slots__ = (
-        "batch_size",
-        "context",
-        "duration",
-        "engine",
-        "error",
-        "parameters",
-        "rows",
-        "shape",
-        "span",
-        "start",
-        "statement",
-    )
+    def observe(self, handle: Any, elapsed: float, rows: int, span: Any) -> None:
+        """One execution of ``elapsed`` seconds; ``rows`` < 0 when not known."""
 
-    def __init__(
-        self,
-        engine: str,
-        statement: str,
-        shape: Shape,
-        start: float,
-        duration: float,
-        rows: int,
-        batch_size: int,
-        parameters: Any,
-        context: Any,
-        error: BaseException | None,
-    ) -> None:
-        self.engine = engine
-        self.statement = statement
-        self.shape = shape
-        self.start = start
-        self.duration = duration
-        self.rows = rows
-        self.batch_size = batch_size
-        self.parameters = parameters
-        self.context = context
-        self.error = error
-        #: The span context (trace_id/span_id) of this statement's span when the OTel
-        #: sink made one, or of the span active during execution; set before the
-        #: slow-query sinks run.
-        self.span: Any = None
+    def observe_slow(self, handle: Any) -> None:
+        """One execution at or over the slow-query threshold."""
 
-    @property
-    def fingerprint(self) -> str:
-        return self.shape.fingerprint
-
-    @property
-    def operation(self) -> str:
-        return self.shape.operation
-
-    @property
-    def table(self) -> str:
-        return self.shape.table
+    def observe_error(self, handle: Any, error: str) -> None:
+        """One failed execution, by the class name the application receives."""
 
 
-class Sink(Protocol):
-    """Something that wants statement records; ``stage`` names it in internal errors."""
+class RecordSink(Protocol):
+    """Something that reads statement records; ``stage`` names it in internal errors."""
 
     stage: str
 
     def on_statement(self, record: StatementRecord) -> None: ...
 
 
+#: ``(shape, start, elapsed, batch_size, context, error) -> span context or None``.
+TraceStep = Callable[[Shape, float, float, int, Any, "BaseException | None"], Any]
+#: ``(shape, statement, context, parameters)``: per-unit-of-work counting (N+1).
+UnitStep = Callable[[Shape, str, Any, Any], None]
+#: A cache entry: the shape, the metrics sink's handle, whether rows are read.
+Entry = tuple[Shape, Any, bool]
+
+
 class Collector:
-    """The per-engine collector; one per attached engine (probe)."""
+    """The per-engine collector; one per attached engine."""
 
     def __init__(
         self,
         *,
         engine_name: str,
-        series: EngineSeries,
-        exporter: PrometheusExporter,
+        metrics: MetricsSink,
+        contain: Contain,
+        error_name: Callable[[BaseException], str],
         slow_query_threshold: float,
-        logger: Any,
+        trace: TraceStep | None = None,
+        unit: UnitStep | None = None,
+        slow_sinks: tuple[RecordSink, ...] = (),
     ) -> None:
         self.engine_name = engine_name
-        self.series = series
-        self.exporter = exporter
+        self.metrics = metrics
+        self.contain = contain
+        self.error_name = error_name
         self.threshold = slow_query_threshold
-        self.logger = logger
-        self.sinks: tuple[Sink, ...] = ()
-        #: A cheap per-statement callback that needs no record (N+1 counting): it gets
-        #: the cache entry and the execution context of every successful statement.
-        self.per_statement: Callable[[Entry, Any], None] | None = None
-        self.slow_sinks: tuple[Sink, ...] = ()
+        self.trace = trace
+        self.unit = unit
+        self.slow_sinks = slow_sinks
+        #: Sinks that read every statement (test captures); swapped whole, never locked.
+        self.sinks: tuple[RecordSink, ...] = ()
         self._cache: dict[str, Entry] = {}
         self._cache_chars = 0
         self._cache_lock = threading.Lock()
-        #: (statement, entry) of an uncacheable statement, from entry_before_observe()
-        #: to the observe()/failed() call that follows it (matched by identity).
-        self._handoff: tuple[str, Entry] | None = None
-        self._last_logged: dict[str, float] = {}
-        #: ``observe(statement, elapsed, cursor, start, context, parameters,
-        #: batch_size, span=None)``: account for a statement that succeeded.
+        #: ``observe(statement, start, end, cursor, context, parameters, batch_size)``.
         self.observe = self._make_observe()
 
-    # -- sinks ----------------------------------------------------------------------
+    # -- record sinks -------------------------------------------------------------------
 
-    def add_sink(self, sink: Sink, *, slow_only: bool = False) -> None:
-        """Register a sink; tuples are swapped whole so the statement path never locks."""
-        if slow_only:
-            self.slow_sinks = (*self.slow_sinks, sink)
-        else:
-            self.sinks = (*self.sinks, sink)
+    def add_sink(self, sink: RecordSink) -> None:
+        """Send a record of every statement to ``sink`` from now on."""
+        self.sinks = (*self.sinks, sink)
 
-    def remove_sink(self, sink: Sink) -> None:
-        """Unregister a sink (no error if it is not there)."""
+    def remove_sink(self, sink: RecordSink) -> None:
+        """Stop sending records to ``sink`` (no error if it is not there)."""
         self.sinks = tuple(s for s in self.sinks if s is not sink)
-        self.slow_sinks = tuple(s for s in self.slow_sinks if s is not sink)
 
-    # -- statement path -------------------------------------------------------------
+    # -- statement path -----------------------------------------------------------------
 
-    def entry(self, statement: str) -> Entry:
-        """The cached entry of a statement text (the shape is computed on a miss)."""
+    def shape(self, statement: str) -> Shape:
+        """The shape of a statement text (cached)."""
         entry = self._cache.get(statement)
         if entry is None:
             entry = self._miss(statement)
-        return entry
+        return entry[0]
 
-    def entry_before_observe(self, statement: str) -> Entry:
-        """:meth:`entry` for a hook that runs just before :meth:`observe` or :meth:`failed`
-        of the same statement (the OTel hook): the entry of a statement too long to cache
-        is handed on to that call instead of being computed twice."""
-        entry = self._cache.get(statement)
-        if entry is None:
-            entry = self._miss(statement)
-            if len(statement) > CACHE_MAX_STATEMENT:
-                self._handoff = (statement, entry)
-        return entry
-
-    def _make_observe(self) -> Callable[..., None]:
-        """Build :meth:`observe`: a closure over what never changes after attach.
-
-        The hot path of every statement, so what is fixed (the cache, the series) is
-        bound once; what may change while attached (sinks, the N+1 callback) is read
-        from the collector on each call.
-        """
+    def _make_observe(self) -> Callable[[str, float, float, Any, Any, Any, int], None]:
+        """Build :meth:`observe`: one closure over everything fixed at attach."""
         cache_get = self._cache.get
         miss = self._miss
-        series = self.series
-        record_stats = series.observe
+        metrics = self.metrics
+        record_stats = metrics.observe
+        trace = self.trace
+        unit = self.unit
         threshold = self.threshold
-        internal_error = self.internal_error
+        contain = self.contain
         dispatch = self._dispatch
         collector = self
 
         def observe(
             statement: str,
-            elapsed: float,
-            cursor: Any,
             start: float,
+            end: float,
+            cursor: Any,
             context: Any,
             parameters: Any,
             batch_size: int,
-            span: Any = None,
         ) -> None:
-            """Account for a statement that succeeded; never raises.
-
-            ``span`` is the SpanContext the OTel hook linked to this statement
-            (``_otel``): it becomes the duration histogram's exemplar and
-            ``record.span``.
-            """
+            """Account for a statement that succeeded; never raises."""
             try:
                 entry = cache_get(statement)
                 if entry is None:
                     entry = miss(statement)
-                rows = cursor.rowcount
-                if type(rows) is not int:
-                    rows = -1
-                record_stats(entry[1], entry[2], elapsed, rows, span)
-                sinks = collector.sinks
+                shape = entry[0]
+                elapsed = end - start
+                rows = -1
+                if entry[2] and cursor.description is None:
+                    rows = cursor.rowcount
+                    if type(rows) is not int:
+                        rows = -1
+                    elif getattr(context, "_rowcount", 0) is None:
+                        context._rowcount = rows
+                span = None
+                if trace is not None:
+                    span = trace(shape, start, elapsed, batch_size, context, None)
+                record_stats(entry[1], elapsed, rows, span)
+                if unit is not None:
+                    try:
+                        unit(shape, statement, context, parameters)
+                    except Exception:
+                        contain("nplusone")
                 if elapsed >= threshold:
-                    series.observe_slow(entry[2])
-                    sinks = collector.slow_sinks + sinks
+                    metrics.observe_slow(entry[1])
+                    sinks = collector.slow_sinks + collector.sinks
+                else:
+                    sinks = collector.sinks
                 if sinks:
                     dispatch(
-                        sinks,
-                        entry,
-                        statement,
-                        start,
-                        elapsed,
-                        rows,
-                        batch_size,
-                        parameters,
-                        context,
-                        None,
-                        span,
-                    )
-                per_statement = collector.per_statement
-                if per_statement is not None:
-                    try:
-                        per_statement(entry, context)
-                    except Exception:
-                        internal_error("nplusone")
+                        sinks, shape, statement, start, elapsed, rows, batch_size,
+                        parameters, context, None, span,
+                    )  # fmt: skip
             except Exception:
-                internal_error("collector")
+                contain("collector")
 
         return observe
 
     def failed(
         self,
         statement: str,
-        elapsed: float,
         start: float,
+        end: float,
         context: Any,
         parameters: Any,
         batch_size: int,
         error: BaseException,
-        span: Any = None,
     ) -> None:
         """Account for a statement whose execution raised; never raises.
 
         The statement counts as a call and its time as execution time (the database
-        did the work); its error is counted by the ``handle_error`` hook, which sees
-        the exception class the application receives.
+        did the work), and as an error of the class the application receives.
         """
         try:
             entry = self._cache.get(statement)
             if entry is None:
                 entry = self._miss(statement)
-            self.series.observe(entry[1], entry[2], elapsed, -1, span)
-            sinks = self.sinks + self.slow_sinks if elapsed >= self.threshold else self.sinks
+            shape = entry[0]
+            elapsed = end - start
+            span = None
+            if self.trace is not None:
+                span = self.trace(shape, start, elapsed, batch_size, context, error)
+            metrics = self.metrics
+            metrics.observe_error(entry[1], self.error_name(error))
+            metrics.observe(entry[1], elapsed, -1, span)
+            sinks = self.sinks
             if elapsed >= self.threshold:
-                self.series.observe_slow(entry[2])
+                metrics.observe_slow(entry[1])
+                sinks = self.slow_sinks + sinks
             if sinks:
                 self._dispatch(
-                    sinks,
-                    entry,
-                    statement,
-                    start,
-                    elapsed,
-                    -1,
-                    batch_size,
-                    parameters,
-                    context,
-                    error,
-                    span,
-                )
+                    sinks, shape, statement, start, elapsed, -1, batch_size,
+                    parameters, context, error, span,
+                )  # fmt: skip
         except Exception:
-            self.internal_error("collector")
-
-    def error(self, statement: str | None, error_class: str) -> None:
-        """Count a failed statement by operation and exception class; never raises."""
-        try:
-            operation = self.entry(statement)[0].operation if statement else "OTHER"
-            self.series.observe_error(operation, error_class)
-        except Exception:
-            self.internal_error("collector")
+            self.contain("collector")
 
     def _dispatch(
         self,
-        sinks: Iterable[Sink],
-        entry: Entry,
+        sinks: tuple[RecordSink, ...],
+        shape: Shape,
         statement: str,
         start: float,
         elapsed: float,
@@ -311,41 +252,23 @@ class Collector:
         parameters: Any,
         context: Any,
         error: BaseException | None,
-        span: Any = None,
+        span: Any,
     ) -> None:
         record = StatementRecord(
-            self.engine_name,
-            statement,
-            entry[0],
-            start,
-            elapsed,
-            rows,
-            batch_size,
-            parameters,
-            context,
-            error,
-        )
-        record.span = span
+            self.engine_name, statement, shape, start, elapsed, rows, batch_size,
+            parameters, context, error, span,
+        )  # fmt: skip
         for sink in sinks:
             try:
                 sink.on_statement(record)
             except Exception:
-                self.internal_error(sink.stage)
+                self.contain(sink.stage)
 
     def _miss(self, statement: str) -> Entry:
-        handoff = self._handoff
-        if handoff is not None and handoff[0] is statement:
-            self._handoff = None
-            return handoff[1]
         if not isinstance(statement, str):
             statement = str(statement)
         shape = analyze(statement)
-        series = self.series
-        entry: Entry = (
-            shape,
-            series.shape(shape.fingerprint, shape.operation, shape.table, shape.normalized),
-            series.op(shape.operation),
-        )
+        entry: Entry = (shape, self.metrics.prepare(shape), shape.operation in ROW_OPERATIONS)
         size = len(statement)
         if size <= CACHE_MAX_STATEMENT:
             with self._cache_lock:
@@ -367,34 +290,3 @@ class Collector:
     def cache_size(self) -> tuple[int, int]:
         """Entries and characters in the text cache (for tests and diagnostics)."""
         return len(self._cache), self._cache_chars
-
-    # -- containment ------------------------------------------------------------------
-
-    def internal_error(self, stage: str) -> None:
-        """Count a contained failure and log it at most once per stage per minute."""
-        try:
-            self.exporter.internal_error(stage)
-            now = time.monotonic()
-            last = self._last_logged.get(stage)
-            if last is not None and now - last < INTERNAL_ERROR_LOG_INTERVAL:
-                return
-            self._last_logged[stage] = now
-            # Only the class and where it was raised: a traceback renderer that shows
-            # locals would otherwise put statement parameters into the log.
-            exc = sys.exc_info()[1]
-            where = ""
-            tb = exc.__traceback__ if exc is not None else None
-            while tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
-            if tb is not None:
-                code = tb.tb_frame.f_code
-                where = f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {code.co_name}"
-            self.logger.error(
-                "internal_error",
-                stage=stage,
-                engine=self.engine_name,
-                error=type(exc).__name__ if exc is not None else "",
-                where=where,
-            )
-        except Exception:
-            pass

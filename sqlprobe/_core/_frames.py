@@ -113,12 +113,11 @@ class SourceFinder:
     def __init__(self) -> None:
         import sqlalchemy
 
-        import sqlprobe
-
-        self._own_dirs = (_package_dir(sqlprobe), _package_dir(sqlalchemy))
+        # The package directory: this file lives in sqlprobe/_core/.
+        own = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+        self._own_dirs = (own, _package_dir(sqlalchemy))
         # sqlprobe's demo is an application in its own right: its workload's frames are
         # the ones a slow_query or n_plus_one event should point at.
-        own = _package_dir(sqlprobe)
         self._demo_files = frozenset(
             os.path.abspath(os.path.join(own, name)) for name in DEMO_MODULES
         )

@@ -1,4 +1,4 @@
-"""Connection-pool and transaction metrics.
+"""Connection-pool and transaction hooks: what is measured per checkout and per transaction.
 
 What is measured, and from which hook
 -------------------------------------
@@ -11,7 +11,10 @@ dispatch path (about 2.2 µs per statement).
 * **Checkout wait** (``sqlprobe_pool_checkout_wait_seconds``) and **timeouts**: SQLAlchemy
   has no "checkout requested" event, so the pool *instance*'s ``connect`` is wrapped
   (``Engine.raw_connection()``, which every ``engine.connect()`` and ``Session`` goes
-  through, calls ``self.pool.connect()``). The wait is the whole call: queueing, opening
+  through, calls ``self.pool.connect()``). A checkout that fails because a new DBAPI
+  connection could not be opened (the database refused or was unreachable) is counted
+  in ``sqlprobe_pool_connect_errors_total{error}`` and re-raised unchanged; it is not a
+  statement error. The wait is the whole call: queueing, opening
   a new connection when the pool makes one, and ``pool_pre_ping``: what the application
   waited. Only checkouts that got a connection are observed; one that raised
   SQLAlchemy's ``TimeoutError`` is counted once in
@@ -54,20 +57,16 @@ dispatch path (about 2.2 µs per statement).
   (instance attributes, restored on undo). ``Connection`` calls them once per root
   transaction on every SQLAlchemy 2.x (savepoints are part of their root transaction;
   two-phase transactions use other methods and are not observed). The begin time is kept
-  in the pooled connection's ``info`` dictionary under a private key (as is the checkout
-  time), so the pool's reset-on-return rollback of a connection with no begun
-  transaction finds nothing and is ignored. A transaction ends as ``commit`` when
+  on the pool's connection record under a private attribute name (as is the checkout
+  time; the application's ``connection.info`` dictionary is never touched), so the
+  pool's reset-on-return rollback of a connection with no begun transaction finds
+  nothing and is ignored. A transaction ends as ``commit`` when
   the commit succeeded and as ``rollback`` otherwise: a rollback, a failed commit, or a
   connection invalidated while the transaction was open. In ``AUTOCOMMIT`` isolation
   SQLAlchemy still brackets work in begin/commit, and so is counted.
 
-Buckets: the probe's ``buckets`` when given; otherwise the default duration buckets
-extended to 30, 60 and 300 s, because pool waits reach ``pool_timeout`` (30 s by
-default) and connections are held for as long as a request or a job runs.
-
-Several probes whose engines share an ``engine`` name on one registry share one set of
-these series: counters and histograms add up, and so do the gauges (the maximum is
-absent if any of the pools is unbounded).
+The measurements go to a :class:`PoolSink` (the Prometheus series, the OTel metrics,
+the multiprocess writer: whatever the probe wired), never to a metric directly.
 """
 
 from __future__ import annotations
@@ -75,180 +74,53 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from bisect import bisect_left
 from collections.abc import Callable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AssertionPool, Pool, QueuePool, StaticPool
 
-from .._config import DEFAULT_BUCKETS
-from .._sinks._prometheus import EngineSeries, Families, Histogram
+from .._core._records import Contain
+from ._shadow import shadow
 
-if TYPE_CHECKING:
-    from .._core._collector import Collector
-    from .._hooks._statement import Listener
-    from .._probe import Probe
+__all__ = ["PoolFanout", "PoolHooks", "PoolSink", "Snapshot", "keeps_connections"]
 
-__all__ = ["POOL_BUCKETS", "PoolMetrics", "PoolObserver", "install"]
-
-#: Buckets of the pool and transaction histograms unless the probe was given ``buckets``.
-POOL_BUCKETS: tuple[float, ...] = (*DEFAULT_BUCKETS, 30.0, 60.0, 300.0)
-
-OUTCOMES = ("commit", "rollback")
+#: ``(idle, used, max)`` connections of a pool now; ``max`` None when unbounded.
+Snapshot = tuple[int, int, "int | None"]
 
 
-class PoolObserver(Protocol):
-    """Receives each pool measurement of one probe, e.g. to emit OpenTelemetry metrics.
+class PoolSink(Protocol):
+    """Receives each pool and transaction measurement of one engine.
 
-    Methods are called on the application's thread (or event loop), outside sqlprobe's
-    locks; an exception is contained and counted as an internal error of stage ``pool``.
+    Called on the application's thread (or event loop), outside sqlprobe's locks; an
+    exception is contained and counted as an internal error of stage ``pool``.
     """
 
-    def wait(self, seconds: float) -> None:
-        """A checkout obtained a connection after ``seconds``."""
+    def checkout(self, seconds: float) -> None:
+        """A checkout obtained a connection after waiting ``seconds``."""
 
-    def use(self, seconds: float) -> None:
+    def checkin(self, seconds: float) -> None:
         """A connection went back to the pool after ``seconds`` checked out."""
 
-    def create(self, seconds: float) -> None:
+    def connected(self, seconds: float) -> None:
         """A new DBAPI connection took ``seconds`` to open."""
+
+    def connect_failed(self, error: str) -> None:
+        """A new DBAPI connection could not be opened (``error``: the class name)."""
 
     def timeout(self) -> None:
         """A checkout gave up with SQLAlchemy's ``TimeoutError``."""
 
-    # Optional (called when the observer has them): ``invalidate()`` for each counted
-    # invalidation, ``transaction(outcome, seconds)`` for each finished transaction.
+    def invalidated(self) -> None:
+        """A connection was invalidated (counted once per connection)."""
 
+    def transaction(self, outcome: str, seconds: float) -> None:
+        """A transaction ended as ``commit`` or ``rollback`` after ``seconds``."""
 
-class _Shared:
-    """The pool and transaction series of one ``EngineSeries`` (one engine label)."""
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.lock = threading.Lock()
-        self.bounds = bounds
-        size = len(bounds) + 1
-        self.wait = Histogram(size)
-        self.use = Histogram(size)
-        self.connect = Histogram(size)
-        self.txn = {outcome: Histogram(size) for outcome in OUTCOMES}
-        self.timeouts = 0
-        self.connects = 0
-        self.invalidations = 0
-        self.members: list[PoolMetrics] = []
-
-    def observe(self, hist: Histogram, seconds: float) -> None:
-        i = bisect_left(self.bounds, seconds)
-        with self.lock:
-            hist.counts[i] += 1
-            hist.total += seconds
-
-    def collect(self, fams: Families, engine: str) -> None:
-        bounds = self.bounds
-        with self.lock:
-            hists = [
-                (name, hist.samples(bounds))
-                for name, hist in (
-                    ("sqlprobe_pool_checkout_wait_seconds", self.wait),
-                    ("sqlprobe_pool_connection_use_seconds", self.use),
-                    ("sqlprobe_pool_connect_seconds", self.connect),
-                )
-            ]
-            txn = [(outcome, hist.samples(bounds)) for outcome, hist in self.txn.items()]
-            counters = (self.timeouts, self.connects, self.invalidations)
-            members = list(self.members)
-
-        docs = {
-            "sqlprobe_pool_checkout_wait_seconds": "Time spent waiting for a connection "
-            "from the pool (successful checkouts).",
-            "sqlprobe_pool_connection_use_seconds": "Time a connection stayed checked out.",
-            "sqlprobe_pool_connect_seconds": "Time to open a new DBAPI connection.",
-        }
-        for name, (buckets, _count, total) in hists:
-            fams.histogram(name, docs[name], ["engine"]).add_metric([engine], buckets, total)
-        duration = fams.histogram(
-            "sqlprobe_transaction_duration_seconds",
-            "Begin to end of a transaction, by outcome.",
-            ["engine", "outcome"],
-        )
-        for outcome, (buckets, _count, total) in txn:
-            duration.add_metric([engine, outcome], buckets, total)
-        for name, doc, value in zip(
-            (
-                "sqlprobe_pool_checkout_timeouts",
-                "sqlprobe_pool_connects",
-                "sqlprobe_pool_invalidations",
-            ),
-            (
-                "Checkouts that gave up with the pool's TimeoutError.",
-                "DBAPI connections opened.",
-                "Connections invalidated (errors, failed pre-ping, soft invalidation).",
-            ),
-            counters,
-            strict=True,
-        ):
-            fams.counter(name, doc, ["engine"]).add_metric([engine], value)
-
-        idle = used = live = 0
-        limit: int | None = 0
-        for member in members:
-            snap = member.snapshot_or_none()
-            if snap is None:
-                if member.engine_gone():
-                    # An engine collected without detach(): its counts stay, it goes.
-                    with self.lock:
-                        if member in self.members:
-                            self.members.remove(member)
-                continue
-            live += 1
-            idle += snap[0]
-            used += snap[1]
-            limit = None if limit is None or snap[2] is None else limit + snap[2]
-        gauge = fams.gauge(
-            "sqlprobe_pool_connections", "Connections now in the pool.", ["engine", "state"]
-        )
-        gauge.add_metric([engine, "idle"], idle)
-        gauge.add_metric([engine, "used"], used)
-        if limit is not None and live:
-            fams.gauge(
-                "sqlprobe_pool_max_connections",
-                "Most connections the pool opens at once (pool_size + max_overflow).",
-                ["engine"],
-            ).add_metric([engine], limit)
-
-
-#: One ``_Shared`` per EngineSeries; guarded by ``_shared_lock``.
-_shared: weakref.WeakKeyDictionary[EngineSeries, _Shared] = weakref.WeakKeyDictionary()
-_shared_lock = threading.Lock()
-
-
-def _join(series: EngineSeries, bounds: tuple[float, ...], member: PoolMetrics) -> _Shared:
-    with _shared_lock:
-        shared = _shared.get(series)
-        if shared is None:
-            shared = _shared[series] = _Shared(bounds)
-            with series.lock:
-                series.parts.append(shared.collect)
-        with shared.lock:
-            shared.members.append(member)
-        return shared
-
-
-def _leave(series: EngineSeries, shared: _Shared, member: PoolMetrics) -> None:
-    # The series (and its counters) stays while other probes use it; the gauges of this
-    # member stop counting at once. When the last member leaves, the part goes too.
-    with _shared_lock:
-        with shared.lock:
-            if member in shared.members:
-                shared.members.remove(member)
-            empty = not shared.members
-        if empty and _shared.get(series) is shared:
-            del _shared[series]
-            with series.lock:
-                if shared.collect in series.parts:
-                    series.parts.remove(shared.collect)
+    def statement_failed(self, operation: str, error: str) -> None:
+        """A COMMIT or ROLLBACK failed in the driver (``error``: the class name)."""
 
 
 def _limit(pool: Pool) -> int | None:
@@ -263,58 +135,97 @@ def _limit(pool: Pool) -> int | None:
     return None
 
 
-class PoolMetrics:
-    """Pool and transaction measurements of one attached engine; ``probe.pool``.
+def keeps_connections(pool: Pool) -> bool:
+    """Whether a returned connection stays in the pool (a NullPool closes it)."""
+    from sqlalchemy.pool import NullPool
 
-    :meth:`add_observer` registers a :class:`PoolObserver` that receives every
-    measurement; :meth:`snapshot` reads the idle, used and maximum connections now.
+    return not isinstance(pool, NullPool)
+
+
+class PoolFanout:
+    """A pool sink that hands each measurement to several, containing each failure."""
+
+    def __init__(self, sinks: tuple[PoolSink, ...], contain: Contain) -> None:
+        self.sinks = sinks
+        self.contain = contain
+
+    def _each(self, name: str, *args: Any) -> None:
+        for sink in self.sinks:
+            try:
+                getattr(sink, name)(*args)
+            except Exception:
+                self.contain("pool")
+
+    def checkout(self, seconds: float) -> None:
+        self._each("checkout", seconds)
+
+    def checkin(self, seconds: float) -> None:
+        self._each("checkin", seconds)
+
+    def connected(self, seconds: float) -> None:
+        self._each("connected", seconds)
+
+    def connect_failed(self, error: str) -> None:
+        self._each("connect_failed", error)
+
+    def timeout(self) -> None:
+        self._each("timeout")
+
+    def invalidated(self) -> None:
+        self._each("invalidated")
+
+    def transaction(self, outcome: str, seconds: float) -> None:
+        self._each("transaction", outcome, seconds)
+
+    def statement_failed(self, operation: str, error: str) -> None:
+        self._each("statement_failed", operation, error)
+
+
+_serial = iter(range(1, 1 << 62))
+
+#: Whether this SQLAlchemy's pools return connections through ``Pool._return_conn``
+#: (2.0 and 2.1 do); without it the public ``checkin`` event is used.
+_RETURN_CONN_HOOK = callable(getattr(Pool, "_return_conn", None))
+
+
+class PoolHooks:
+    """The pool and transaction hooks of one attached engine.
+
+    :meth:`install` wires the engine and returns the undo; :meth:`snapshot` reads the
+    idle, used and maximum connections of the engine's pool now (gauges are read, not
+    counted, so they cannot drift).
     """
 
-    def __init__(self, engine: Any, collector: Collector) -> None:
+    def __init__(self, engine: Any, *, contain: Contain, error_name: Callable[..., str]) -> None:
         self._engine_ref = weakref.ref(engine)
-        self._collector = collector
-        self._observers: tuple[PoolObserver, ...] = ()
+        self._sink: Any = None
+        self._contain = contain
+        self._error_name = error_name
+        self._dbapi_error = getattr(getattr(engine.dialect, "loaded_dbapi", None), "Error", None)
         self._lock = threading.Lock()
-        #: key of the checkout time in a pooled connection's ``info`` (unique per probe)
-        self._out_key = object()
+        serial = next(_serial)
+        #: attribute names on a pool's connection record: checkout and begin times
+        self._out = f"_sqlprobe_out_{serial}"
+        self._txn = f"_sqlprobe_txn_{serial}"
         #: connection records seen (gauges of pools that keep no count of their own)
         self._records: weakref.WeakSet[Any] = weakref.WeakSet()
         #: record -> time.time() when it went back to its pool without a connection
         self._emptied: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         #: record -> its ``last_connect_time`` when its invalidation was counted
         self._counted: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-        #: key of the begin time in a pooled connection's ``info`` (unique per probe)
-        self._txn_key = object()
         self._active = True
-        self._shared: _Shared | None = None
-        #: (target held weakly, restore) of every attribute sqlprobe shadowed
-        self._restores: list[tuple[weakref.ref[Any], Callable[[], None]]] = []
+        self._undo: list[Callable[[], Any]] = []
+        #: builds the ``_return_conn`` wrapper of a pool (None: the ``checkin`` event)
+        self._checkin_hook: Callable[[Pool], Callable[[Any], None]] | None = None
+        #: sqlprobe's own PoolEvents listeners (left out of :meth:`side_connection`)
+        self._own: set[Callable[..., Any]] = set()
 
-    # -- public ---------------------------------------------------------------------
+    # -- gauges -------------------------------------------------------------------------
 
-    def add_observer(self, observer: PoolObserver) -> None:
-        """Send every later measurement to ``observer`` too."""
-        with self._lock:
-            self._observers = (*self._observers, observer)
-
-    def remove_observer(self, observer: PoolObserver) -> None:
-        """Stop sending measurements to ``observer`` (no error if it is not there)."""
-        with self._lock:
-            self._observers = tuple(o for o in self._observers if o is not observer)
-
-    def snapshot(self) -> tuple[int, int, int | None]:
-        """``(idle, used, max)`` connections of the engine's pool now; max None if unbounded."""
-        snap = self.snapshot_or_none()
-        return snap if snap is not None else (0, 0, None)
-
-    # -- internals ------------------------------------------------------------------
-
-    def engine_gone(self) -> bool:
-        return self._engine_ref() is None
-
-    def snapshot_or_none(self) -> tuple[int, int, int | None] | None:
+    def snapshot(self) -> Snapshot | None:
+        """``(idle, used, max)`` of the engine's current pool; None once the engine is gone."""
         engine = self._engine_ref()
-        if engine is None:
+        if engine is None or not self._active:
             return None
         try:
             pool = engine.pool
@@ -346,202 +257,227 @@ class PoolMetrics:
                     idle += 1
             return idle, used, _limit(pool)
         except Exception:
-            self._collector.internal_error("pool")
+            self._contain("pool")
             return None
 
-    def _notify(self, name: str, *args: Any) -> None:
-        for observer in self._observers:
+    def side_connection(self) -> Any:
+        """A new DBAPI connection outside the pool, set up like the application's.
+
+        Opened through the pool's own connection factory (URL, ``connect_args``,
+        ``creator``, ``do_connect`` handlers), then handed to every ``connect`` event
+        handler of the pool except sqlprobe's own: the dialect's set-up and the
+        application's (``search_path``, session variables). For EXPLAIN and the index
+        advisor, which must never take a connection from the application's pool. The
+        caller closes it.
+        """
+        from sqlalchemy.pool.base import _ConnectionRecord
+
+        engine = self._engine_ref()
+        if engine is None:
+            raise RuntimeError("the engine is gone")
+        pool = engine.pool
+        record = _ConnectionRecord(pool, connect=False)
+        connection = pool._invoke_creator(record)
+        try:
+            for fn in pool.dispatch.connect:
+                if fn not in self._own:
+                    fn(connection, record)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    # -- wiring -------------------------------------------------------------------------
+
+    def install(self, sink: PoolSink) -> Callable[[], None]:
+        """Wire the engine's pool, its PoolEvents and its dialect to ``sink``; return the undo."""
+        engine = self._engine_ref()
+        assert engine is not None
+        self._sink = sink
+        listeners = self._listeners(engine)
+        try:
+            for target, name, fn in listeners:
+                self._own.add(fn)
+                event.listen(target, name, fn)
+                self._undo.append(_remover(target, name, fn))
+            self._wire_pool(engine.pool)
+            self._wire_dialect(engine.dialect)
+        except BaseException:
+            self._uninstall()
+            raise
+        return self._uninstall
+
+    def _uninstall(self) -> None:
+        self._active = False
+        undo, self._undo = self._undo, []
+        for fn in reversed(undo):
             try:
-                method = getattr(observer, name, None)
-                if method is not None:  # ``invalidate``/``transaction`` are optional
-                    method(*args)
-            except Exception:
-                self._collector.internal_error("pool")
-
-    def _checked_out(self, connection: Any, start: float, now: float) -> None:
-        seconds = now - start
-        try:
-            shared = self._shared
-            assert shared is not None
-            shared.observe(shared.wait, seconds)
-            # The use time runs from here to the ``checkin`` event. A re-entrant checkout
-            # of the same connection (SingletonThreadPool) keeps the first start.
-            connection.info.setdefault(self._out_key, now)
-        except Exception:
-            self._collector.internal_error("pool")
-        if self._observers:
-            self._notify("wait", seconds)
-
-    def _timed_out(self) -> None:
-        try:
-            shared = self._shared
-            assert shared is not None
-            with shared.lock:
-                shared.timeouts += 1
-        except Exception:
-            self._collector.internal_error("pool")
-        if self._observers:
-            self._notify("timeout")
+                fn()
+            except Exception:  # undo all it can
+                continue
 
     def _count_invalidation(self, record: Any) -> None:
-        shared = self._shared
-        assert shared is not None
         with self._lock:
             self._counted[record] = record.last_connect_time
-        with shared.lock:
-            shared.invalidations += 1
-        if self._observers:
-            self._notify("invalidate")
+        self._sink.invalidated()
 
-    def _end_transaction(self, outcome: str, start: float) -> None:
-        try:
-            shared = self._shared
-            assert shared is not None
-            seconds = perf_counter() - start
-            shared.observe(shared.txn[outcome], seconds)
-        except Exception:
-            self._collector.internal_error("pool")
-            return
-        if self._observers:
-            self._notify("transaction", outcome, seconds)
-
-    # -- PoolEvents listeners ---------------------------------------------------------
-
-    def listeners(self, engine: Any) -> list[Listener]:
+    def _listeners(self, engine: Any) -> list[tuple[Any, str, Callable[..., Any]]]:
         """The PoolEvents listeners to register on ``engine`` (carried over by dispose)."""
-
-        def on_connect(dbapi_connection: Any, record: Any) -> None:
-            try:
-                elapsed = max(time.time() - record.last_connect_time, 0.0)
-                shared = self._shared
-                assert shared is not None
-                with self._lock:
-                    self._records.add(record)
-                    self._emptied.pop(record, None)
-                i = bisect_left(shared.bounds, elapsed)
-                with shared.lock:
-                    shared.connects += 1
-                    shared.connect.counts[i] += 1
-                    shared.connect.total += elapsed
-            except Exception:
-                self._collector.internal_error("pool")
-                return
-            if self._observers:
-                self._notify("create", elapsed)
-
-        # The checkout time lives in the record's own ``info`` (a plain dict SQLAlchemy
-        # keeps per pooled connection; the fairy's ``info`` is the same dict): cheaper
-        # than a weak mapping, and gone with the connection.
-        out_key = self._out_key
-        txn_key = self._txn_key
+        sink = self._sink
+        hooks = self
+        contain = self._contain
+        out_key = self._out
+        txn_key = self._txn
         lock = self._lock
         records = self._records
         emptied = self._emptied
         # A QueuePool counts its connections itself; other pools need the records seen.
         track = not isinstance(engine.pool, QueuePool)
 
+        def on_connect(dbapi_connection: Any, record: Any) -> None:
+            try:
+                elapsed = max(time.time() - record.last_connect_time, 0.0)
+                with lock:
+                    records.add(record)
+                    emptied.pop(record, None)
+                sink.connected(elapsed)
+            except Exception:
+                contain("pool")
+
         def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
             try:
                 with lock:
                     records.add(record)
             except Exception:
-                self._collector.internal_error("pool")
+                contain("pool")
+
+        checkin = sink.checkin
 
         def on_checkin(dbapi_connection: Any, record: Any) -> None:
             try:
-                info = record.info
-                start = info.pop(out_key, None)
+                state = record.__dict__
+                start = state.pop(out_key, None)
                 # A transaction still open here ended without SQLAlchemy rolling it
                 # back through the dialect (e.g. an asyncio connection collected by
                 # the garbage collector): the database rolls it back.
-                begun = info.pop(txn_key, None)
+                begun = state.pop(txn_key, None)
                 if record.dbapi_connection is None:
                     with lock:
                         emptied[record] = time.time()
                 if begun is not None:
-                    self._end_transaction("rollback", begun)
-                if start is None:
-                    return
-                elapsed = perf_counter() - start
-                shared = self._shared
-                assert shared is not None
-                shared.observe(shared.use, elapsed)
+                    sink.transaction("rollback", perf_counter() - begun)
+                if start is not None:
+                    checkin(perf_counter() - start)
             except Exception:
-                self._collector.internal_error("pool")
-                return
-            if self._observers:
-                self._notify("use", elapsed)
+                contain("pool")
+
+        if _RETURN_CONN_HOOK:
+            # Check-ins are seen by wrapping the pool instance's ``_return_conn``, which
+            # ``_ConnectionRecord.checkin`` calls right after the ``checkin`` event: the
+            # same moment, without the event's dispatch (about 1 µs per checkout).
+            def checkin_hook(pool: Pool) -> Callable[[Any], None]:
+                previous = vars(pool).get("_return_conn")
+                unbound = type(pool)._return_conn
+                ref = weakref.ref(pool)
+
+                def _return_conn(record: Any) -> None:
+                    if hooks._active:
+                        on_checkin(None, record)
+                    if previous is not None:
+                        previous(record)
+                    else:
+                        unbound(ref(), record)  # type: ignore[arg-type]
+
+                return _return_conn
+
+            self._checkin_hook = checkin_hook
 
         def on_detach(dbapi_connection: Any, record: Any) -> None:
             try:
-                record.info.pop(out_key, None)
+                record.__dict__.pop(out_key, None)
                 with lock:
                     emptied[record] = time.time()
             except Exception:
-                self._collector.internal_error("pool")
+                contain("pool")
 
         def on_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
             try:
                 self._count_invalidation(record)
-                begun = record.info.pop(self._txn_key, None)
+                begun = record.__dict__.pop(txn_key, None)
                 if begun is not None:
-                    self._end_transaction("rollback", begun)
+                    sink.transaction("rollback", perf_counter() - begun)
             except Exception:
-                self._collector.internal_error("pool")
+                contain("pool")
 
         def on_soft_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
             try:
                 self._count_invalidation(record)
             except Exception:
-                self._collector.internal_error("pool")
+                contain("pool")
 
         def on_close(dbapi_connection: Any, record: Any) -> None:
             # A connection older than its pool's last pool-wide invalidation was made
             # stale by it; SQLAlchemy closes it without an invalidate event.
             try:
                 started = record.last_connect_time
-                with self._lock:
+                with lock:
                     if self._counted.get(record) == started:
                         return
                 pool = getattr(record, "_ConnectionRecord__pool", None)
                 if pool is not None and getattr(pool, "_invalidate_time", 0) > started:
                     self._count_invalidation(record)
             except Exception:
-                self._collector.internal_error("pool")
+                contain("pool")
 
         # No checkout listener on a QueuePool: any checkout listener moves every checkout
         # onto SQLAlchemy's slower path (the checkout wrapper times the use instead).
         return [
             (engine, "connect", on_connect),
             *([(engine, "checkout", on_checkout)] if track else []),
-            (engine, "checkin", on_checkin),
+            *([] if _RETURN_CONN_HOOK else [(engine, "checkin", on_checkin)]),
             (engine, "detach", on_detach),
             (engine, "invalidate", on_invalidate),
             (engine, "soft_invalidate", on_soft_invalidate),
             (engine, "close", on_close),
         ]
 
-    # -- wrappers ---------------------------------------------------------------------
-
-    def wire_pool(self, pool: Pool) -> None:
+    def _wire_pool(self, pool: Pool) -> None:
         """Wrap ``pool.connect`` (checkout wait, timeouts) and ``pool.recreate`` (dispose).
 
         The wrappers hold the pool weakly: a pool that ``dispose()`` replaced must be
         free to go (with the connections returned to it later) as it would without us.
         """
-        metrics = self
+        hooks = self
+        sink = self._sink
+        contain = self._contain
+        out_key = self._out
         pool_ref = weakref.ref(pool)
         cls = type(pool)
+        # Another wrapper already on the instance is called; else the class's method,
+        # with the pool from the weak reference (a bound method would hold the pool).
         previous_connect = vars(pool).get("connect")
         previous_recreate = vars(pool).get("recreate")
-
         unbound_connect = cls.connect
+        unbound_recreate = cls.recreate
+
+        def original_connect() -> Any:
+            if previous_connect is not None:
+                return previous_connect()
+            return unbound_connect(pool_ref())  # type: ignore[arg-type]
+
+        def original_recreate() -> Any:
+            if previous_recreate is not None:
+                return previous_recreate()
+            return unbound_recreate(pool_ref())  # type: ignore[arg-type]
+
+        dbapi_error = self._dbapi_error
+        error_name = self._error_name
+
+        checkout = sink.checkout
 
         def connect() -> Any:
-            if not metrics._active:
-                if previous_connect is not None:
-                    return previous_connect()
-                return unbound_connect(pool_ref())  # type: ignore[arg-type]
+            if not hooks._active:
+                return original_connect()
             start = perf_counter()
             try:
                 if previous_connect is not None:
@@ -549,142 +485,139 @@ class PoolMetrics:
                 else:
                     connection = unbound_connect(pool_ref())  # type: ignore[arg-type]
             except sa_exc.TimeoutError:
-                metrics._timed_out()
+                try:
+                    sink.timeout()
+                except Exception:
+                    contain("pool")
                 raise
-            metrics._checked_out(connection, start, perf_counter())
+            except Exception as exc:
+                if isinstance(dbapi_error, type) and isinstance(exc, dbapi_error):
+                    try:
+                        sink.connect_failed(error_name(exc))
+                    except Exception:
+                        contain("pool")
+                raise
+            now = perf_counter()
+            try:
+                # The use time runs from here to the check-in. A re-entrant checkout of
+                # the same connection (SingletonThreadPool) keeps the first start.
+                state = connection._connection_record.__dict__
+                if out_key not in state:
+                    state[out_key] = now
+                checkout(now - start)
+            except Exception:
+                contain("pool")
             return connection
 
         def recreate() -> Pool:
-            if previous_recreate is not None:
-                new: Pool = previous_recreate()
-            else:
-                new = cls.recreate(pool_ref())  # type: ignore[arg-type]
-            if metrics._active:
+            new: Pool = original_recreate()
+            if hooks._active:
                 try:
-                    metrics.wire_pool(new)
+                    hooks._wire_pool(new)
                 except Exception:
-                    metrics._collector.internal_error("pool")
+                    contain("pool")
             return new
 
-        with self._lock:
-            self._restores = [(r, fn) for r, fn in self._restores if r() is not None]
-            self._restores.append((pool_ref, _shadow(pool, "connect", connect)))
-            self._restores.append((pool_ref, _shadow(pool, "recreate", recreate)))
+        self._undo.append(shadow(pool, "connect", connect))
+        self._undo.append(shadow(pool, "recreate", recreate))
+        if self._checkin_hook is not None:
+            self._undo.append(shadow(pool, "_return_conn", self._checkin_hook(pool)))
 
-    def wire_dialect(self, dialect: Any) -> None:
-        """Wrap the dialect instance's do_begin/do_commit/do_rollback (transactions)."""
+    def _wire_dialect(self, dialect: Any) -> None:
+        """Wrap the dialect instance's do_begin/do_commit/do_rollback (transactions).
+
+        Each wrapper calls the original first or last and keeps the begin time on the
+        pool's connection record (on the connection itself once it is detached from the
+        pool); a dialect's ad-hoc connection without either is not timed.
+        """
         original_begin = dialect.do_begin
         original_commit = dialect.do_commit
         original_rollback = dialect.do_rollback
-        key = self._txn_key
-        metrics = self
+        key = self._txn
+        hooks = self
+        transaction = self._sink.transaction
+        contain = self._contain
+        sink = self._sink
+        dbapi_error = self._dbapi_error
+        error_name = self._error_name
 
-        def pop_begun(dbapi_connection: Any) -> float | None:
-            try:
-                begun: float | None = dbapi_connection.info.pop(key, None)
-                return begun
-            except Exception:  # e.g. a dialect's ad-hoc connection without ``info``
-                return None
+        def failed(operation: str, exc: BaseException) -> None:
+            # A COMMIT or ROLLBACK the driver could not run: a failed statement too.
+            if isinstance(dbapi_error, type) and isinstance(exc, dbapi_error):
+                try:
+                    sink.statement_failed(operation, error_name(exc))
+                except Exception:
+                    contain("pool")
 
-        def do_begin(dbapi_connection: Any) -> None:
+        def do_begin(connection: Any) -> None:
             start = perf_counter()
-            original_begin(dbapi_connection)
-            if metrics._active:
-                try:  # noqa: SIM105 - contextlib.suppress costs ~0.5 µs per transaction
-                    dbapi_connection.info[key] = start
-                except Exception:  # a dialect's ad-hoc connection: no ``info``, no timing
+            original_begin(connection)
+            if hooks._active:
+                try:
+                    # On the pool's record; a detached connection has none: on itself.
+                    record = connection._connection_record
+                    (connection if record is None else record).__dict__[key] = start
+                except Exception:  # a dialect's ad-hoc connection: no timing
                     pass
 
-        def do_commit(dbapi_connection: Any) -> None:
-            begun = pop_begun(dbapi_connection)
+        def do_commit(connection: Any) -> None:
             try:
-                original_commit(dbapi_connection)
-            except BaseException:
-                if begun is not None and metrics._active:
-                    metrics._end_transaction("rollback", begun)
+                record = connection._connection_record
+                begun = (connection if record is None else record).__dict__.pop(key, None)
+            except Exception:
+                begun = None
+            try:
+                original_commit(connection)
+            except BaseException as exc:
+                failed("COMMIT", exc)
+                if begun is not None:
+                    try:
+                        transaction("rollback", perf_counter() - begun)
+                    except Exception:
+                        contain("pool")
                 raise
-            if begun is not None and metrics._active:
-                metrics._end_transaction("commit", begun)
+            if begun is not None:
+                try:
+                    transaction("commit", perf_counter() - begun)
+                except Exception:
+                    contain("pool")
 
-        def do_rollback(dbapi_connection: Any) -> None:
-            begun = pop_begun(dbapi_connection)
+        def do_rollback(connection: Any) -> None:
             try:
-                original_rollback(dbapi_connection)
+                record = connection._connection_record
+                begun = (connection if record is None else record).__dict__.pop(key, None)
+            except Exception:
+                begun = None
+            try:
+                original_rollback(connection)
+            except BaseException as exc:
+                failed("ROLLBACK", exc)
+                raise
             finally:
-                if begun is not None and metrics._active:
-                    metrics._end_transaction("rollback", begun)
+                if begun is not None:
+                    try:
+                        transaction("rollback", perf_counter() - begun)
+                    except Exception:
+                        contain("pool")
 
-        ref = weakref.ref(dialect)
-        with self._lock:
-            for name, fn in (
-                ("do_begin", do_begin),
-                ("do_commit", do_commit),
-                ("do_rollback", do_rollback),
-            ):
-                self._restores.append((ref, _shadow(dialect, name, fn)))
-
-    def unwire(self) -> None:
-        """Make every wrapper inert and restore the attributes they shadowed."""
-        self._active = False
-        self._observers = ()
-        with self._lock:
-            restores, self._restores = self._restores, []
-        for _ref, restore in reversed(restores):
-            try:
-                restore()
-            except Exception:  # undo all it can
-                continue
+        for name, fn in (
+            ("do_begin", do_begin),
+            ("do_commit", do_commit),
+            ("do_rollback", do_rollback),
+        ):
+            self._undo.append(shadow(dialect, name, fn))
 
 
-def _shadow(target: Any, name: str, wrapper: Callable[..., Any]) -> Callable[[], None]:
-    """Shadow ``target.name`` with ``wrapper``; return the function that restores it.
-
-    If something else has replaced the attribute since, it may call our wrapper: the
-    wrapper is then left in place (inert once the probe is inactive) rather than
-    breaking that chain.
-    """
-    had = name in vars(target)
-    previous = vars(target).get(name)
-    setattr(target, name, wrapper)
-    ref = weakref.ref(target)
-
-    def restore() -> None:
-        obj = ref()
-        if obj is None or vars(obj).get(name) is not wrapper:
-            return
-        if had:
-            setattr(obj, name, previous)
-        else:
-            delattr(obj, name)
-
-    return restore
-
-
-def install(probe: Probe) -> Callable[[], None] | None:
-    """Wire pool and transaction metrics into a newly attached probe; return its undo."""
-    engine = probe.engine
-    collector = probe.collector
-    options = probe.options
-    if engine is None or collector is None or options is None:
-        return None
-    sync = getattr(engine, "sync_engine", engine)
-    bounds = POOL_BUCKETS if options.buckets == DEFAULT_BUCKETS else options.buckets
-    metrics = PoolMetrics(sync, collector)
-    series = collector.series
-    metrics._shared = shared = _join(series, bounds, metrics)
-
-    def uninstall() -> None:
-        metrics.unwire()
-        _leave(series, shared, metrics)
-
+def _remover(target: Any, name: str, fn: Callable[..., Any]) -> Callable[[], None]:
+    ref: Any
     try:
-        for target, name, fn in metrics.listeners(sync):
-            event.listen(target, name, fn)
-            probe.add_listeners([(target, name, fn)])
-        metrics.wire_pool(sync.pool)
-        metrics.wire_dialect(sync.dialect)
-    except BaseException:
-        uninstall()
-        raise
-    probe.pool = metrics
-    return uninstall
+        ref = weakref.ref(target)
+    except TypeError:
+        ref = lambda: target  # noqa: E731
+
+    def remove() -> None:
+        obj = ref()
+        if obj is not None and event.contains(obj, name, fn):
+            event.remove(obj, name, fn)
+
+    return remove

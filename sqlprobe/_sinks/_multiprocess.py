@@ -6,10 +6,10 @@ worker's counts. prometheus_client's multiprocess mode solves that with one
 memory-mapped file per process and metric type under ``PROMETHEUS_MULTIPROC_DIR``,
 which ``MultiProcessCollector`` adds up at scrape time. sqlprobe follows it when it is
 on (the environment variable is set *before* prometheus_client is imported, as that
-mode requires): every series is then written through prometheus_client's own metric
-objects, whose values live in those files, instead of sqlprobe's in-process
-accumulators. Scrape-time collectors cannot work across processes, so the pool
-gauges are written on every change instead (``livesum``: the connections of live
+mode requires): every series is then also written through prometheus_client's own
+metric objects, whose values live in those files. Every family of the family table
+exists in this mode too; scrape-time gauges cannot work across processes, so the pool
+gauges are written on every pool event instead (``livesum``: the connections of live
 workers add up).
 
 What changes in this mode:
@@ -22,7 +22,7 @@ What changes in this mode:
   your own ``MultiProcessCollector``; and call
   ``prometheus_client.multiprocess.mark_process_dead(pid)`` from the server's
   ``child_exit`` hook so that a dead worker's ``livesum`` gauges disappear
-  (see docs/multiprocess.md for a gunicorn configuration).
+  (see the multiprocess documentation for a gunicorn configuration).
 
 Counters, the histograms and ``sqlprobe_statement_info`` (``max``) keep the values of
 workers that have exited, so totals never go backwards when a worker is recycled.
@@ -32,17 +32,13 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from .._sinks._prometheus import (
-    OTHER,
-    EngineSeries,
-    OpStats,
-    PrometheusExporter,
-    ShapeStats,
-)
+from ._families import BY_NAME, buckets_for
+from ._prometheus import OTHER, EngineSeries, OpStats, PrometheusExporter, ShapeStats
 
 __all__ = ["MultiprocessExporter", "multiprocess_active"]
 
@@ -56,85 +52,41 @@ def multiprocess_active() -> bool:
     return bool(getattr(values.ValueClass, "_multiprocess", False))
 
 
-class _Families:
-    """prometheus_client metric objects, one set per process and bucket layout.
+class _Metrics:
+    """prometheus_client metric objects of this process, made from the family table.
 
-    Created with ``registry=None``: in multiprocess mode their values go to the files,
-    and the scraping process reads them through ``MultiProcessCollector``.
+    Created with ``registry=None``: their values go to the files, and the scraping
+    process reads them through ``MultiProcessCollector``. One object per name (and per
+    bucket layout for histograms): two objects of one name would overwrite each other's
+    file entries.
     """
 
-    _lock: ClassVar[threading.Lock] = threading.Lock()
-    _by_buckets: ClassVar[dict[tuple[float, ...], _Families]] = {}
-    _shared: ClassVar[dict[str, Any]] = {}
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._made: dict[tuple[str, tuple[float, ...]], Any] = {}
 
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.duration = Histogram(
-            "sqlprobe_query_duration_seconds",
-            "Time of each statement's execution.",
-            ["engine", "operation"],
-            buckets=buckets,
-            registry=None,
-        )
-        shared = _Families._shared
-        if not shared:
-            shared["calls"] = Counter(
-                "sqlprobe_statement_calls",
-                "Executions per statement shape.",
-                ["engine", "fingerprint"],
-                registry=None,
-            )
-            shared["seconds"] = Counter(
-                "sqlprobe_statement_seconds",
-                "Total execution time per statement shape.",
-                ["engine", "fingerprint"],
-                registry=None,
-            )
-            shared["rows"] = Counter(
-                "sqlprobe_statement_rows",
-                "Rows the driver reported per statement shape (rowcount >= 0).",
-                ["engine", "fingerprint"],
-                registry=None,
-            )
-            shared["info"] = Gauge(
-                "sqlprobe_statement_info",
-                "The normalized text of a statement shape, to join on by fingerprint.",
-                ["engine", "fingerprint", "operation", "table", "statement"],
-                multiprocess_mode="max",
-                registry=None,
-            )
-            shared["errors"] = Counter(
-                "sqlprobe_query_errors",
-                "Failed statements by exception class name.",
-                ["engine", "operation", "error"],
-                registry=None,
-            )
-            shared["slow"] = Counter(
-                "sqlprobe_slow_queries",
-                "Statements over the slow-query threshold.",
-                ["engine", "operation"],
-                registry=None,
-            )
-            shared["internal"] = Counter(
-                "sqlprobe_internal_errors",
-                "Failures inside sqlprobe that were contained.",
-                ["stage"],
-                registry=None,
-            )
-        self.calls = shared["calls"]
-        self.seconds = shared["seconds"]
-        self.rows = shared["rows"]
-        self.info = shared["info"]
-        self.errors = shared["errors"]
-        self.slow = shared["slow"]
-        self.internal = shared["internal"]
-
-    @classmethod
-    def get(cls, buckets: tuple[float, ...]) -> _Families:
-        with cls._lock:
-            found = cls._by_buckets.get(buckets)
-            if found is None:
-                found = cls._by_buckets[buckets] = cls(buckets)
-            return found
+    def get(self, name: str, buckets: tuple[float, ...] = ()) -> Any:
+        spec = BY_NAME[name]
+        bounds = buckets_for(spec, buckets) if spec.kind == "histogram" else ()
+        key = (name, bounds)
+        with self._lock:
+            metric = self._made.get(key)
+            if metric is None:
+                labels = list(spec.labels)
+                if spec.kind == "counter":
+                    metric = Counter(name, spec.help, labels, registry=None)
+                elif spec.kind == "gauge":
+                    metric = Gauge(
+                        name,
+                        spec.help,
+                        labels,
+                        multiprocess_mode=spec.multiprocess_mode or "livesum",
+                        registry=None,
+                    )
+                else:
+                    metric = Histogram(name, spec.help, labels, buckets=bounds, registry=None)
+                self._made[key] = metric
+            return metric
 
 
 class _MPShapeStats(ShapeStats):
@@ -151,216 +103,157 @@ class _MPOpStats(OpStats):
 
 
 class MultiprocessSeries(EngineSeries):
-    """An engine's series written through prometheus_client's multiprocess values.
+    """An engine's series written through prometheus_client's multiprocess values too.
 
-    The in-process accumulators of the base class are kept as well: they serve
+    The in-process accumulators of the base class are kept: they serve
     :meth:`sqlprobe.Probe.statements` (this process's view) and cost little.
     """
 
-    def __init__(self, name: str, buckets: tuple[float, ...], max_fingerprints: int) -> None:
-        self.fams = _Families.get(buckets)
-        super().__init__(name, buckets, max_fingerprints)
+    metrics: _Metrics
 
-    def _new_shape(self, fingerprint: str, operation: str, table: str, text: str) -> ShapeStats:
-        stats = _MPShapeStats(fingerprint, operation, table, text)
-        fams, engine = self.fams, self.name
-        stats.mp_calls = fams.calls.labels(engine, fingerprint)
-        stats.mp_seconds = fams.seconds.labels(engine, fingerprint)
-        stats.mp_rows = fams.rows.labels(engine, fingerprint)
-        if fingerprint != OTHER:
-            fams.info.labels(engine, fingerprint, operation, table, stats.statement).set(1)
+    def __init__(self, name: str, buckets: tuple[float, ...], max_fingerprints: int) -> None:
+        super().__init__(name, buckets, max_fingerprints)
+        m, engine = self.metrics, name
+        self.mp_wait = m.get("sqlprobe_pool_checkout_wait_seconds", buckets).labels(engine)
+        self.mp_use = m.get("sqlprobe_pool_connection_use_seconds", buckets).labels(engine)
+        self.mp_connect = m.get("sqlprobe_pool_connect_seconds", buckets).labels(engine)
+        txn = m.get("sqlprobe_transaction_duration_seconds", buckets)
+        self.mp_txn = {o: txn.labels(engine, o) for o in ("commit", "rollback")}
+        self.mp_timeouts = m.get("sqlprobe_pool_checkout_timeouts").labels(engine)
+        self.mp_connects = m.get("sqlprobe_pool_connects").labels(engine)
+        self.mp_invalidations = m.get("sqlprobe_pool_invalidations").labels(engine)
+        connections = m.get("sqlprobe_pool_connections")
+        self.mp_idle = connections.labels(engine, "idle")
+        self.mp_used = connections.labels(engine, "used")
+        self.mp_max = m.get("sqlprobe_pool_max_connections").labels(engine)
+        for counter in (self.mp_timeouts, self.mp_connects, self.mp_invalidations):
+            counter.inc(0)
+
+    def _new_shape(
+        self, fingerprint: str, operation: str, table: str, text: str, op: OpStats
+    ) -> ShapeStats:
+        stats = _MPShapeStats(fingerprint, operation, table, text, op)
+        m, engine = self.metrics, self.name
+        stats.mp_calls = m.get("sqlprobe_statement_calls").labels(engine, fingerprint)
+        stats.mp_seconds = m.get("sqlprobe_statement_seconds").labels(engine, fingerprint)
+        stats.mp_rows = m.get("sqlprobe_statement_rows").labels(engine, fingerprint)
+        m.get("sqlprobe_statement_info").labels(
+            engine, fingerprint, operation, table, stats.statement
+        ).set(1)
         return stats
 
     def _new_op(self, operation: str) -> OpStats:
-        op = _MPOpStats(len(self.bounds) + 1)
-        op.mp_hist = self.fams.duration.labels(self.name, operation)
-        op.mp_slow = self.fams.slow.labels(self.name, operation)
+        op = _MPOpStats(operation, self.bounds)
+        m = self.metrics
+        op.mp_hist = m.get("sqlprobe_query_duration_seconds", self.bounds).labels(
+            self.name, operation
+        )
+        op.mp_slow = m.get("sqlprobe_slow_queries").labels(self.name, operation)
         op.mp_slow.inc(0)
         return op
 
-    def observe(
-        self, stats: ShapeStats, op: OpStats, elapsed: float, rows: int, span: Any = None
-    ) -> None:
-        super().observe(stats, op, elapsed, rows)
+    def _overflow(self, op: OpStats) -> ShapeStats:
+        stats = _MPShapeStats(OTHER, op.name, "", "(shapes beyond max_fingerprints)", op)
+        m, engine = self.metrics, self.name
+        stats.mp_calls = m.get("sqlprobe_statement_calls").labels(engine, OTHER)
+        stats.mp_seconds = m.get("sqlprobe_statement_seconds").labels(engine, OTHER)
+        stats.mp_rows = m.get("sqlprobe_statement_rows").labels(engine, OTHER)
+        return stats
+
+    def observe(self, stats: ShapeStats, elapsed: float, rows: int, span: Any) -> None:
+        super().observe(stats, elapsed, rows, None)
         stats.mp_calls.inc()  # type: ignore[attr-defined]
         stats.mp_seconds.inc(elapsed)  # type: ignore[attr-defined]
         if rows > 0:
             stats.mp_rows.inc(rows)  # type: ignore[attr-defined]
-        op.mp_hist.observe(elapsed)  # type: ignore[attr-defined]
+        stats.op.mp_hist.observe(elapsed)  # type: ignore[attr-defined]
 
-    def observe_slow(self, op: OpStats) -> None:
-        super().observe_slow(op)
-        op.mp_slow.inc()  # type: ignore[attr-defined]
+    def observe_slow(self, stats: ShapeStats) -> None:
+        super().observe_slow(stats)
+        stats.op.mp_slow.inc()  # type: ignore[attr-defined]
 
-    def observe_error(self, operation: str, error: str) -> None:
-        super().observe_error(operation, error)
+    def observe_error(self, stats: ShapeStats, error: str) -> None:
+        super().observe_error(stats, error)
         if error not in self.error_classes:
             error = OTHER
-        self.fams.errors.labels(self.name, operation, error).inc()
+        self.metrics.get("sqlprobe_query_errors").labels(self.name, stats.operation, error).inc()
+
+    def detected(self, fingerprint: str, relationship: str) -> None:
+        super().detected(fingerprint, relationship)
+        with self.lock:
+            fingerprint = fingerprint if fingerprint in self.shapes else OTHER
+            key = (fingerprint, relationship)
+            if key not in self.n_plus_one:
+                key = (OTHER, "")
+        self.metrics.get("sqlprobe_n_plus_one").labels(self.name, *key).inc()
+
+    # -- pool: written per event, gauges refreshed from the pools' own state --------
+
+    def _gauges(self, returning: bool = False) -> None:
+        idle, used, limit, _live = self.pool_snapshot()
+        if returning and used > 0:
+            # The checkin event fires before the pool takes the connection back: count
+            # it as returned already (a NullPool closes it instead of keeping it).
+            used -= 1
+            if all(keeps for _source, keeps in self.pools):
+                idle += 1
+        self.mp_idle.set(idle)
+        self.mp_used.set(used)
+        if limit is not None:
+            self.mp_max.set(limit)
+
+    def add_pool(self, source: Any, keeps: bool) -> None:
+        super().add_pool(source, keeps)
+        self._gauges()
+
+    def checkout(self, seconds: float) -> None:
+        super().checkout(seconds)
+        self.mp_wait.observe(seconds)
+        self._gauges()
+
+    def checkin(self, seconds: float) -> None:
+        super().checkin(seconds)
+        self.mp_use.observe(seconds)
+        self._gauges(returning=True)
+
+    def connected(self, seconds: float) -> None:
+        super().connected(seconds)
+        self.mp_connect.observe(seconds)
+        self.mp_connects.inc()
+
+    def connect_failed(self, error: str) -> None:
+        super().connect_failed(error)
+        if error not in self.error_classes:
+            error = OTHER
+        self.metrics.get("sqlprobe_pool_connect_errors").labels(self.name, error).inc()
+
+    def timeout(self) -> None:
+        super().timeout()
+        self.mp_timeouts.inc()
+
+    def invalidated(self) -> None:
+        super().invalidated()
+        self.mp_invalidations.inc()
+        self._gauges()
+
+    def transaction(self, outcome: str, seconds: float) -> None:
+        super().transaction(outcome, seconds)
+        self.mp_txn[outcome].observe(seconds)
 
 
 class MultiprocessExporter(PrometheusExporter):
     """The process-wide exporter of multiprocess mode; never registered on a registry."""
 
-    series_class = MultiprocessSeries
+    def __init__(self, before_collect: Callable[[], None] | None = None) -> None:
+        super().__init__(before_collect)
+        metrics = self.metrics = _Metrics()
+
+        class Series(MultiprocessSeries):
+            pass
+
+        Series.metrics = metrics
+        self.series_class = Series
 
     def internal_error(self, stage: str) -> None:
         super().internal_error(stage)
-        counter = _Families._shared.get("internal")
-        if counter is not None:
-            counter.labels(stage).inc()
-
-
-class _PoolWriter:
-    """Writes one probe's pool and transaction measurements to multiprocess files.
-
-    The scrape-time pool collector cannot see other processes, so in this mode every
-    measurement is also written as it happens, and the idle/used gauges are set from
-    the pool's own state after each event (``livesum``: live workers add up).
-    """
-
-    def __init__(self, probe: Any, buckets: tuple[float, ...]) -> None:
-        engine = probe.name
-        self.pool = probe.pool
-        fam = _pool_families(buckets)
-        self.wait_h = fam["wait"].labels(engine)
-        self.use_h = fam["use"].labels(engine)
-        self.connect_h = fam["connect"].labels(engine)
-        self.txn = {o: fam["txn"].labels(engine, o) for o in ("commit", "rollback")}
-        self.timeouts = fam["timeouts"].labels(engine)
-        self.connects = fam["connects"].labels(engine)
-        self.invalidations = fam["invalidations"].labels(engine)
-        self.idle = fam["connections"].labels(engine, "idle")
-        self.used = fam["connections"].labels(engine, "used")
-        self.max = fam["max"].labels(engine)
-        from sqlalchemy.pool import NullPool
-
-        engine_obj = probe.engine
-        pool = getattr(engine_obj, "sync_engine", engine_obj).pool
-        self.keeps = not isinstance(pool, NullPool)
-        for counter in (self.timeouts, self.connects, self.invalidations):
-            counter.inc(0)
-        self.gauges()
-
-    def gauges(self, returning: bool = False) -> None:
-        idle, used, limit = self.pool.snapshot()
-        if returning and used > 0:
-            # The checkin event fires before the pool takes the connection back: count
-            # it as returned already (a NullPool closes it instead of keeping it).
-            used -= 1
-            if self.keeps:
-                idle += 1
-        self.idle.set(idle)
-        self.used.set(used)
-        if limit is not None:
-            self.max.set(limit)
-
-    def wait(self, seconds: float) -> None:
-        self.wait_h.observe(seconds)
-        self.gauges()
-
-    def use(self, seconds: float) -> None:
-        self.use_h.observe(seconds)
-        self.gauges(returning=True)
-
-    def create(self, seconds: float) -> None:
-        self.connect_h.observe(seconds)
-        self.connects.inc()
-
-    def timeout(self) -> None:
-        self.timeouts.inc()
-
-    def invalidate(self) -> None:
-        self.invalidations.inc()
-        self.gauges()
-
-    def transaction(self, outcome: str, seconds: float) -> None:
-        self.txn[outcome].observe(seconds)
-
-
-_pool_fams: dict[tuple[float, ...], dict[str, Any]] = {}
-_pool_lock = threading.Lock()
-
-
-def _pool_families(buckets: tuple[float, ...]) -> dict[str, Any]:
-    with _pool_lock:
-        found = _pool_fams.get(buckets)
-        if found is not None:
-            return found
-        shared = next(iter(_pool_fams.values()), None)
-
-        def hist(name: str, doc: str, labels: list[str]) -> Any:
-            return Histogram(name, doc, labels, buckets=buckets, registry=None)
-
-        fam = {
-            "wait": hist(
-                "sqlprobe_pool_checkout_wait_seconds",
-                "Time spent waiting for a connection from the pool.",
-                ["engine"],
-            ),
-            "use": hist(
-                "sqlprobe_pool_connection_use_seconds",
-                "Time a connection stayed checked out.",
-                ["engine"],
-            ),
-            "connect": hist(
-                "sqlprobe_pool_connect_seconds",
-                "Time to open a new DBAPI connection.",
-                ["engine"],
-            ),
-            "txn": hist(
-                "sqlprobe_transaction_duration_seconds",
-                "Begin to end of a transaction.",
-                ["engine", "outcome"],
-            ),
-        }
-        if shared is None:
-            fam["timeouts"] = Counter(
-                "sqlprobe_pool_checkout_timeouts",
-                "Checkouts that gave up (pool TimeoutError).",
-                ["engine"],
-                registry=None,
-            )
-            fam["connects"] = Counter(
-                "sqlprobe_pool_connects", "DBAPI connections opened.", ["engine"], registry=None
-            )
-            fam["invalidations"] = Counter(
-                "sqlprobe_pool_invalidations",
-                "Connections invalidated (errors, failed pre-ping, soft).",
-                ["engine"],
-                registry=None,
-            )
-            fam["connections"] = Gauge(
-                "sqlprobe_pool_connections",
-                "Connections now in the pool, by state.",
-                ["engine", "state"],
-                multiprocess_mode="livesum",
-                registry=None,
-            )
-            fam["max"] = Gauge(
-                "sqlprobe_pool_max_connections",
-                "pool_size + max_overflow of the engine's pool.",
-                ["engine"],
-                multiprocess_mode="livesum",
-                registry=None,
-            )
-        else:
-            for key in ("timeouts", "connects", "invalidations", "connections", "max"):
-                fam[key] = shared[key]
-        _pool_fams[buckets] = fam
-        return fam
-
-
-def install(probe: Any) -> Any:
-    """In multiprocess mode, write the probe's pool measurements to the shared files."""
-    if probe.pool is None or not isinstance(
-        getattr(probe.collector, "series", None), MultiprocessSeries
-    ):
-        return None
-    from .._config import DEFAULT_BUCKETS
-    from .._hooks._pool import POOL_BUCKETS
-
-    buckets = probe.options.buckets
-    writer = _PoolWriter(probe, POOL_BUCKETS if buckets == DEFAULT_BUCKETS else buckets)
-    probe.pool.add_observer(writer)
-    return lambda: probe.pool.remove_observer(writer)
+        self.metrics.get("sqlprobe_internal_errors").labels(stage).inc()

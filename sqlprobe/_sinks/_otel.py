@@ -1,11 +1,12 @@
 """OpenTelemetry: statement spans, trace-linked exemplars, OTel metrics, sqlcommenter.
 
 OpenTelemetry is optional (the ``otel`` extra). Nothing here imports it until an
-engine is attached, and :func:`install` decides once per engine which execution
-listener the engine gets (see ``_hooks.install_traced_hooks``):
+engine is attached, and :func:`build` decides once per engine which *trace step* the
+collector gets (the step runs after each statement, before the metrics, and returns
+the span context to link to it; see ``_core._collector``):
 
-* no ``opentelemetry`` package, no sqlcommenter, no ``meter_provider``: the plain
-  metrics-only listeners stay; OTel costs nothing at all;
+* no ``opentelemetry`` package and no ``meter_provider``: no trace step at all; OTel
+  costs nothing;
 * an SDK ``TracerProvider`` (the ``tracer_provider`` option, else the global one):
   **spans mode**, one CLIENT span per statement;
 * any other provider (the API's default proxy before an SDK is configured, a NoOp):
@@ -62,22 +63,27 @@ OTel metrics (only with the ``meter_provider`` option; the global meter provider
 never used): ``db.client.operation.duration`` (seconds, with the probe's buckets as
 advisory boundaries) and, when the pool feature is attached, the connection metrics
 ``db.client.connection.count`` (``db.client.connection.state`` idle/used),
-``.max``, ``.wait_time``, ``.use_time``, ``.create_time`` and ``.timeouts``.
+``.max``, ``.wait_time``, ``.use_time``, ``.create_time`` and ``.timeouts``, fed by a
+pool sink (:class:`PoolMetrics`) that the probe adds beside the Prometheus one.
+
+The tracer and meter declare schema :data:`SCHEMA_URL`: the semantic-convention
+version in which the database names emitted here (``db.system.name``,
+``db.query.summary``, ``db.response.status_code``...) are stable.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from .._hooks._statement import install_traced_hooks
-from .._sinks._fastspan import NEEDS_SDK, Emit, direct_emitter
+from .._core._errors import error_namer
+from .._core._fingerprint import Shape
+from .._core._records import AttachContext, EngineInfo
+from ._fastspan import NEEDS_SDK, Emit, direct_emitter
 
-if TYPE_CHECKING:
-    from .._probe import EngineInfo, Probe
-
-__all__ = ["install"]
+__all__ = ["SCHEMA_URL", "OtelParts", "build", "trace_context_fn"]
 
 #: Statement shapes whose span name and attributes are kept ready per engine.
 ATTRIBUTE_CACHE_MAX = 1024
@@ -88,72 +94,62 @@ CACHED_TEXT_MAX = 2048
 #: generated multi-megabyte statement must not become a multi-megabyte span (exporters
 #: and backends reject those); the fingerprint still covers the whole text.
 QUERY_TEXT_MAX = 4096
-#: Exception classes whose ``error.type`` is remembered per engine.
-ERROR_CACHE_MAX = 64
 #: Without an SDK tracer provider, the active span is looked up (for exemplars) at most
 #: this often per engine, in seconds.
 AMBIENT_INTERVAL = 0.01
 #: Instrumentation scope of our spans and metrics.
 SCOPE_NAME = "sqlprobe"
+#: The semantic-convention schema of the names emitted (stable database conventions).
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.33.0"
 
 
-def install(probe: Probe) -> Callable[[], None] | None:
-    """Choose and install this engine's execution listener; return the undo function."""
-    options = probe.options
-    info = probe.info
-    collector = probe.collector
-    engine = probe.engine
-    if options is None or info is None or collector is None or engine is None:
-        return None
-    sync_engine = getattr(engine, "sync_engine", engine)
+@dataclass(frozen=True, slots=True)
+class OtelParts:
+    """What :func:`build` gives the composition root for one engine."""
+
+    #: The collector's trace step, or None (no OTel package and no meter provider).
+    trace: Any
+    #: A pool sink writing the OTel connection metrics, or None.
+    pool: Any
+    #: Stops the OTel metrics' callbacks (detach).
+    close: Callable[[], None]
+
+
+def build(
+    ctx: AttachContext,
+    *,
+    tracer_provider: Any,
+    meter_provider: Any,
+    buckets: tuple[float, ...],
+    snapshot: Callable[[], Any] | None,
+) -> OtelParts:
+    """The trace step and OTel pool metrics of one engine, chosen once at attach.
+
+    ``snapshot`` reads the pool's ``(idle, used, max)`` for the connection gauges.
+    """
     try:
         from opentelemetry import trace as trace_api
     except ImportError:
         trace_api = None  # type: ignore[assignment]
-
-    internal_error = collector.internal_error
-    undo: list[Callable[[], None]] = []
     trace_fn = None
     if trace_api is not None:
-        _load_constants()
-        provider = options.tracer_provider or trace_api.get_tracer_provider()
-        trace_fn = _Tracing(probe, info, provider).trace
-    if options.meter_provider is not None:
-        metrics = _Metrics(probe, info, options.meter_provider)
-        undo.append(metrics.close)
+        provider = tracer_provider or trace_api.get_tracer_provider()
+        trace_fn = _Tracing(ctx, provider).trace
+    pool = None
+    close: Callable[[], None] = _nothing
+    if meter_provider is not None:
+        metrics = _Metrics(ctx, meter_provider, buckets, snapshot)
         trace_fn = metrics.wrap(trace_fn)
-
-    from .._sinks import _sqlcommenter
-
-    trace_context = _trace_context_fn() if trace_api is not None else None
-    comment = _sqlcommenter.build(
-        options.sqlcommenter,
-        driver=info.driver,
-        dbapi=getattr(sync_engine.dialect, "loaded_dbapi", None),
-        paramstyle=sync_engine.dialect.paramstyle,
-        trace_context=trace_context,
-        on_error=internal_error,
-    )
-    if trace_fn is None and comment is None:
-        return None
-    listeners = install_traced_hooks(
-        sync_engine,
-        collector,
-        list(probe._listeners),
-        trace=trace_fn,
-        comment=comment[0] if comment else None,
-        comment_no_params=comment[1] if comment else None,
-    )
-    probe.add_listeners(listeners)
-
-    def uninstall() -> None:
-        for fn in reversed(undo):
-            fn()
-
-    return uninstall
+        pool = metrics.pool
+        close = metrics.close
+    return OtelParts(trace_fn, pool, close)
 
 
-def _trace_context_fn() -> Callable[[], tuple[str, str] | None]:
+def _nothing() -> None:
+    return None
+
+
+def trace_context_fn() -> Callable[[], tuple[str, str] | None]:
     """A function giving the W3C ``traceparent``/``tracestate`` of the current span."""
     from opentelemetry.trace import get_current_span
 
@@ -195,17 +191,18 @@ def _status_code(exc: BaseException) -> str | None:
 class _Tracing:
     """The per-engine span maker (or ambient span reader) behind ``trace``."""
 
-    def __init__(self, probe: Probe, info: EngineInfo, provider: Any) -> None:
+    def __init__(self, ctx: AttachContext, provider: Any) -> None:
         from opentelemetry import trace as trace_api
+        from opentelemetry.trace import SpanKind, Status, StatusCode
 
-        assert probe.collector is not None
         self._api = trace_api
+        self._client = SpanKind.CLIENT
+        self._error = Status(StatusCode.ERROR)
         self._current_span = trace_api.get_current_span
-        self._entry = probe.collector.entry_before_observe
-        self._internal_error = probe.collector.internal_error
-        engine = probe.engine
-        dialect = getattr(engine, "sync_engine", engine).dialect
-        self.error_type = _error_namer(dialect)
+        self._internal_error = ctx.contain
+        info = ctx.info
+        dialect = ctx.dialect
+        self.error_type = error_namer(dialect)
         self._dialect = dialect
         self._system = info.system
         # A MariaDB server is known only once the dialect has connected; the first new
@@ -228,17 +225,14 @@ class _Tracing:
     # -- attach-time ------------------------------------------------------------------
 
     def _set_tracer(self, provider: Any) -> None:
-        from .. import __version__ as version
+        from .._core._version import __version__ as version
 
-        self._tracer = provider.get_tracer(
-            SCOPE_NAME, version, schema_url="https://opentelemetry.io/schemas/1.26.0"
-        )
+        self._tracer = provider.get_tracer(SCOPE_NAME, version, schema_url=SCHEMA_URL)
         self._emit = direct_emitter(self._tracer, QUERY_TEXT_MAX)
         self.trace = self._spans  # type: ignore[method-assign]
 
-    def shape_attributes(self, statement: str) -> tuple[str, dict[str, Any]]:
+    def shape_attributes(self, shape: Shape) -> tuple[str, dict[str, Any]]:
         """Span name and attributes of a statement's shape (cached per fingerprint)."""
-        shape = self._entry(statement)[0]
         cached = self._attrs.get(shape.fingerprint)
         if cached is not None:
             return cached
@@ -269,7 +263,7 @@ class _Tracing:
 
     def trace(
         self,
-        statement: str,
+        shape: Shape,
         start: float,
         elapsed: float,
         batch: int,
@@ -279,10 +273,9 @@ class _Tracing:
         """Replaced in ``__init__`` by the spans or the ambient variant."""
         raise NotImplementedError
 
-    def _enrich(self, theirs: Any, statement: str) -> Any:
+    def _enrich(self, theirs: Any, shape: Shape) -> Any:
         if not theirs.is_recording():
             return None
-        shape = self._entry(statement)[0]
         theirs.set_attribute("sqlprobe.fingerprint", shape.fingerprint)
         table = shape.table
         if shape.operation != "OTHER":
@@ -292,7 +285,7 @@ class _Tracing:
 
     def _spans(
         self,
-        statement: str,
+        shape: Shape,
         start: float,
         elapsed: float,
         batch: int,
@@ -302,13 +295,13 @@ class _Tracing:
         try:
             theirs = getattr(context, "_otel_span", None)
             if theirs is not None:
-                return self._enrich(theirs, statement)
+                return self._enrich(theirs, shape)
             parent: Any = self._current_span().get_span_context()
             if not parent.is_valid:
                 parent = None
             elif not parent.trace_flags.sampled:
                 return None
-            name, attrs = self.shape_attributes(statement)
+            name, attrs = self.shape_attributes(shape)
             if batch > 1 or error is not None:
                 attrs = dict(attrs)
                 if batch > 1:
@@ -329,9 +322,11 @@ class _Tracing:
                 # A processor that looks at spans before they end was added: real
                 # spans from now on (processors can be added, never removed).
                 self._emit = None
-            span = self._tracer.start_span(name, None, _CLIENT, attrs, None, start_ns, False, False)
+            span = self._tracer.start_span(
+                name, None, self._client, attrs, None, start_ns, False, False
+            )
             if error is not None:
-                span.set_status(_ERROR)
+                span.set_status(self._error)
             span.end(end_ns)
             ctx = span.get_span_context()
             return ctx if ctx.trace_flags.sampled else None
@@ -341,7 +336,7 @@ class _Tracing:
 
     def _ambient(
         self,
-        statement: str,
+        shape: Shape,
         start: float,
         elapsed: float,
         batch: int,
@@ -349,11 +344,11 @@ class _Tracing:
         error: BaseException | None,
     ) -> Any:
         if self._tracer is not None:  # the global provider became an SDK one
-            return self._spans(statement, start, elapsed, batch, context, error)
+            return self._spans(shape, start, elapsed, batch, context, error)
         try:
             theirs = getattr(context, "_otel_span", None)
             if theirs is not None:
-                return self._enrich(theirs, statement)
+                return self._enrich(theirs, shape)
             # Looking up the active span costs about a microsecond, more than the rest
             # of the metrics path; here it only feeds exemplars (one per bucket is
             # kept), so look at most once per AMBIENT_INTERVAL per engine.
@@ -370,7 +365,7 @@ class _Tracing:
                 provider = self._api.get_tracer_provider()
                 if _is_sdk_provider(provider):
                     self._set_tracer(provider)
-                    return self._spans(statement, start, elapsed, batch, context, error)
+                    return self._spans(shape, start, elapsed, batch, context, error)
             return ctx
         except Exception:
             self._internal_error("otel")
@@ -397,61 +392,45 @@ def _is_sdk_provider(provider: Any) -> bool:
     return isinstance(provider, TracerProvider)
 
 
-def _load_constants() -> None:
-    global _CLIENT, _ERROR
-    from opentelemetry.trace import SpanKind, Status, StatusCode
-
-    _CLIENT = SpanKind.CLIENT
-    _ERROR = Status(StatusCode.ERROR)
-
-
-_CLIENT: Any = None
-_ERROR: Any = None
-
-
 class _Metrics:
     """OTel metrics of one engine on the meter provider the user gave.
 
     The statement duration is recorded from the same readings as the Prometheus
     histogram, with attributes built once per statement shape (no fingerprint or query
     text: those would make the metric's cardinality unbounded). The pool metrics are
-    fed by the pool feature's observer and read from its snapshot when the metric
-    reader collects; without the pool feature they are not created.
+    fed by :attr:`pool` (a pool sink) and read from ``snapshot`` when the metric reader
+    collects.
     """
 
-    def __init__(self, probe: Probe, info: EngineInfo, meter_provider: Any) -> None:
-        from .. import __version__ as version
+    def __init__(
+        self,
+        ctx: AttachContext,
+        meter_provider: Any,
+        buckets: tuple[float, ...],
+        snapshot: Callable[[], Any] | None,
+    ) -> None:
+        from .._core._version import __version__ as version
 
-        assert probe.collector is not None
-        options = probe.options
-        assert options is not None
-        self._entry = probe.collector.entry_before_observe
-        self._internal_error = probe.collector.internal_error
-        engine = probe.engine
-        dialect = getattr(engine, "sync_engine", engine).dialect
-        self._error_type = _error_namer(dialect)
+        self._internal_error = ctx.contain
+        dialect = ctx.dialect
+        self._error_type = error_namer(dialect)
         self._dialect = dialect
         self._closed = False
-        meter = meter_provider.get_meter(
-            SCOPE_NAME, version, schema_url="https://opentelemetry.io/schemas/1.26.0"
-        )
+        meter = meter_provider.get_meter(SCOPE_NAME, version, schema_url=SCHEMA_URL)
         self._duration = _histogram(
-            meter,
-            "db.client.operation.duration",
-            "Duration of database client operations.",
-            options.buckets,
-        )
-        self._constant = _constant_attributes(info)
-        self._check_mariadb = info.system == "mysql"
+            meter, "db.client.operation.duration", "Duration of database client operations.",
+            buckets,
+        )  # fmt: skip
+        self._constant = _constant_attributes(ctx.info)
+        self._check_mariadb = ctx.info.system == "mysql"
         self._attrs: dict[str, dict[str, Any]] = {}
-        self._pool: Any = getattr(probe, "pool", None)
-        self._observer: Any = None
-        if self._pool is not None:
-            self._install_pool(self._pool, meter, info.name, options.buckets)
+        self.pool: Any = None
+        if snapshot is not None:
+            self.pool = self._pool_metrics(meter, ctx.info.name, buckets, snapshot)
 
-    def _install_pool(
-        self, pool: Any, meter: Any, pool_name: str, buckets: tuple[float, ...]
-    ) -> None:
+    def _pool_metrics(
+        self, meter: Any, pool_name: str, buckets: tuple[float, ...], snapshot: Callable[[], Any]
+    ) -> Any:
         from opentelemetry.metrics import Observation
 
         attrs = {"db.client.connection.pool.name": pool_name}
@@ -459,16 +438,16 @@ class _Metrics:
         used_attrs = {**attrs, "db.client.connection.state": "used"}
 
         def count(_options: Any) -> list[Any]:
-            if self._closed:
+            snap = None if self._closed else snapshot()
+            if snap is None:
                 return []
-            idle, used, _max = pool.snapshot()
-            return [Observation(idle, idle_attrs), Observation(used, used_attrs)]
+            return [Observation(snap[0], idle_attrs), Observation(snap[1], used_attrs)]
 
         def limit(_options: Any) -> list[Any]:
-            if self._closed:
+            snap = None if self._closed else snapshot()
+            if snap is None or snap[2] is None:
                 return []
-            _idle, _used, most = pool.snapshot()
-            return [] if most is None else [Observation(most, attrs)]
+            return [Observation(snap[2], attrs)]
 
         meter.create_observable_up_down_counter(
             "db.client.connection.count",
@@ -507,26 +486,43 @@ class _Metrics:
             description="The number of connection timeouts that have occurred trying to "
             "obtain a connection from the pool.",
         )
+        metrics = self
 
-        class Observer:
-            def wait(self, seconds: float) -> None:
-                wait.record(seconds, attrs)
+        class PoolMetrics:
+            """The OTel connection metrics as a pool sink."""
 
-            def use(self, seconds: float) -> None:
-                use.record(seconds, attrs)
+            def checkout(self, seconds: float) -> None:
+                if not metrics._closed:
+                    wait.record(seconds, attrs)
 
-            def create(self, seconds: float) -> None:
-                create.record(seconds, attrs)
+            def checkin(self, seconds: float) -> None:
+                if not metrics._closed:
+                    use.record(seconds, attrs)
+
+            def connected(self, seconds: float) -> None:
+                if not metrics._closed:
+                    create.record(seconds, attrs)
 
             def timeout(self) -> None:
-                timeouts.add(1, attrs)
+                if not metrics._closed:
+                    timeouts.add(1, attrs)
 
-        self._observer = Observer()
-        pool.add_observer(self._observer)
+            def connect_failed(self, error: str) -> None:
+                return None
 
-    def attributes(self, statement: str) -> dict[str, Any]:
+            def invalidated(self) -> None:
+                return None
+
+            def transaction(self, outcome: str, seconds: float) -> None:
+                return None
+
+            def statement_failed(self, operation: str, error: str) -> None:
+                return None
+
+        return PoolMetrics()
+
+    def attributes(self, shape: Shape) -> dict[str, Any]:
         """Metric attributes of a statement's shape (cached per fingerprint)."""
-        shape = self._entry(statement)[0]
         cached = self._attrs.get(shape.fingerprint)
         if cached is not None:
             return cached
@@ -543,14 +539,14 @@ class _Metrics:
         return attrs
 
     def wrap(self, trace_fn: Any) -> Any:
-        """A statement hook that records the duration, then runs ``trace_fn`` if any."""
+        """A trace step that records the duration, then runs ``trace_fn`` if any."""
         record = self._duration.record
         attributes = self.attributes
         error_type = self._error_type
         internal_error = self._internal_error
 
         def metered(
-            statement: str,
+            shape: Shape,
             start: float,
             elapsed: float,
             batch: int,
@@ -558,7 +554,7 @@ class _Metrics:
             error: BaseException | None,
         ) -> Any:
             try:
-                attrs = attributes(statement)
+                attrs = attributes(shape)
                 if error is not None:
                     attrs = {**attrs, "error.type": error_type(error)}
                     code = _status_code(error)
@@ -569,15 +565,13 @@ class _Metrics:
                 internal_error("otel_metrics")
             if trace_fn is None:
                 return None
-            return trace_fn(statement, start, elapsed, batch, context, error)
+            return trace_fn(shape, start, elapsed, batch, context, error)
 
         return metered
 
     def close(self) -> None:
-        """Stop reporting: observable callbacks go quiet, the pool observer is removed."""
+        """Stop reporting: observable callbacks and the pool sink go quiet."""
         self._closed = True
-        if self._observer is not None:
-            self._pool.remove_observer(self._observer)
 
 
 def _histogram(meter: Any, name: str, description: str, buckets: tuple[float, ...]) -> Any:
@@ -590,36 +584,3 @@ def _histogram(meter: Any, name: str, description: str, buckets: tuple[float, ..
         )
     except TypeError:  # opentelemetry-api before 1.23 has no advisory boundaries
         return meter.create_histogram(name, unit="s", description=description)
-
-
-def _error_namer(dialect: Any) -> Callable[[BaseException], str]:
-    """``error.type`` of an exception: the class name the application receives.
-
-    For a DBAPI error that is SQLAlchemy's wrapper, found the way SQLAlchemy finds it
-    (the first class in the driver exception's MRO whose name is a
-    ``sqlalchemy.exc.DBAPIError`` subclass, else ``DBAPIError``); any other exception
-    keeps its own class name. Cached per exception class (bounded).
-    """
-    dbapi_error = getattr(getattr(dialect, "loaded_dbapi", None), "Error", None)
-    names: dict[type, str] = {}
-
-    def error_type(exc: BaseException) -> str:
-        cls = type(exc)
-        name = names.get(cls)
-        if name is not None:
-            return name
-        name = cls.__name__
-        if isinstance(dbapi_error, type) and isinstance(exc, dbapi_error):
-            from sqlalchemy import exc as sa_exc
-
-            name = "DBAPIError"
-            for base in cls.__mro__:
-                wrapper = getattr(sa_exc, base.__name__, None)
-                if isinstance(wrapper, type) and issubclass(wrapper, sa_exc.DBAPIError):
-                    name = wrapper.__name__
-                    break
-        if len(names) < ERROR_CACHE_MAX:
-            names[cls] = name
-        return name
-
-    return error_type

@@ -1,10 +1,9 @@
 """Slow-query events: source location, trace ids, redacted parameters, rate limiting.
 
-:func:`install` registers a *slow-only* sink on the probe's collector, so none of this
+:class:`SlowQueryLog` is a *slow-only* record sink of the collector, so none of this
 module runs for a statement under ``slow_query_threshold``: fast statements pay
 nothing. For each slow statement (successful or failed) it logs one ``slow_query``
-warning through the probe's logger (``attach(logger=...)`` or
-``structlog.get_logger("sqlprobe")``) with the fields of DESIGN.md::
+warning through the probe's logger with these fields::
 
     engine, operation, table, fingerprint, statement, duration_ms, threshold_ms, rows,
     source, trace_id, span_id, parameters, plan, suppressed, error
@@ -39,17 +38,12 @@ from __future__ import annotations
 
 import re
 import sys
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._core._frames import SourceFinder
-
-if TYPE_CHECKING:
-    from .._core._collector import StatementRecord
-    from .._probe import Probe
+from .._core._ratelimit import RateLimiter
+from .._core._records import AttachContext, StatementRecord
 
 __all__ = [
     "EVENTS_PER_ENGINE",
@@ -57,9 +51,7 @@ __all__ = [
     "MAX_TRACKED_FINGERPRINTS",
     "RATE_INTERVAL",
     "STATEMENT_MAX_CHARS",
-    "RateLimiter",
     "SlowQueryLog",
-    "install",
     "redact",
 ]
 
@@ -179,62 +171,6 @@ def _bind_names(context: Any, parameters: Any, batch: bool) -> list[str] | None:
     return None
 
 
-class RateLimiter:
-    """Fixed-window limiter per key plus a global cap, with suppressed counts.
-
-    :meth:`admit` returns None when the event must be dropped, else the number of
-    events of that key dropped since the last admitted one. ``clock`` is injectable
-    for tests. Thread-safe; only slow statements reach it.
-    """
-
-    def __init__(
-        self,
-        per_key: int = EVENTS_PER_FINGERPRINT,
-        total: int = EVENTS_PER_ENGINE,
-        interval: float = RATE_INTERVAL,
-        max_keys: int = MAX_TRACKED_FINGERPRINTS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.per_key = per_key
-        self.total = total
-        self.interval = interval
-        self.max_keys = max_keys
-        self.clock = clock
-        # key -> [window start, events in window, suppressed since last event]
-        self._keys: OrderedDict[str, list[float]] = OrderedDict()
-        self._window = -float("inf")
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def admit(self, key: str) -> int | None:
-        with self._lock:
-            now = self.clock()
-            state = self._keys.get(key)
-            if state is None:
-                while len(self._keys) >= self.max_keys:
-                    self._keys.popitem(last=False)
-                state = self._keys[key] = [now, 0, 0]
-            else:
-                self._keys.move_to_end(key)
-                if now - state[0] >= self.interval:
-                    state[0] = now
-                    state[1] = 0
-            if now - self._window >= self.interval:
-                self._window = now
-                self._count = 0
-            if state[1] >= self.per_key or self._count >= self.total:
-                state[2] += 1
-                return None
-            state[1] += 1
-            self._count += 1
-            suppressed = int(state[2])
-            state[2] = 0
-            return suppressed
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
 def _span_getter() -> Callable[[], Any] | None:
     try:
         from opentelemetry import trace
@@ -252,21 +188,24 @@ class SlowQueryLog:
 
     stage = "slowlog"
 
-    def __init__(self, probe: Probe) -> None:
-        collector = probe.collector
-        options = probe.options
-        assert collector is not None and options is not None
-        self.logger = collector.logger
-        self.threshold_ms = round(collector.threshold * 1000.0, 3)
-        self.capture_parameters = options.capture_parameters
-        self.limiter = RateLimiter()
+    def __init__(
+        self,
+        ctx: AttachContext,
+        *,
+        threshold: float,
+        capture_parameters: bool,
+        explainer: Any = None,
+    ) -> None:
+        self.logger = ctx.logger
+        self.threshold_ms = round(threshold * 1000.0, 3)
+        self.capture_parameters = capture_parameters
+        self.limiter = RateLimiter(
+            EVENTS_PER_FINGERPRINT, EVENTS_PER_ENGINE, RATE_INTERVAL, MAX_TRACKED_FINGERPRINTS
+        )
         self.finder = SourceFinder()
         self.current_span = _span_getter()
-        self.explainer: Any = None
-        if options.explain:
-            from .._analysis._explain import Explainer
-
-            self.explainer = Explainer(probe, collector)
+        #: The EXPLAIN worker (``submit(record, event)``), or None (``explain=False``).
+        self.explainer = explainer
 
     def on_statement(self, record: StatementRecord) -> None:
         suppressed = self.limiter.admit(record.shape.fingerprint)
@@ -310,22 +249,3 @@ class SlowQueryLog:
             names = _bind_names(record.context, record.parameters, batch)
             event["parameters"] = redact(record.parameters, batch, names, shape.normalized)
         return event
-
-    def close(self) -> None:
-        if self.explainer is not None:
-            self.explainer.close()
-
-
-def install(probe: Probe) -> Callable[[], None] | None:
-    """Register the slow-query sink on a newly attached probe; return its undo."""
-    collector = probe.collector
-    if collector is None or probe.options is None:
-        return None
-    sink = SlowQueryLog(probe)
-    collector.add_sink(sink, slow_only=True)
-
-    def undo() -> None:
-        collector.remove_sink(sink)
-        sink.close()
-
-    return undo

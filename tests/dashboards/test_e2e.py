@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "dashboards" / "rules" / "sqlprobe.rules.yml"
 SLOW_ALERT = "SqlprobeSlowQueryRateHigh"
 REQUIRED_ALERTS = {
+    "SqlprobeDatabaseUnreachable",
     "SqlprobeSlowQueryRateHigh",
     "SqlprobeQueryLatencyP99High",
     "SqlprobePoolExhausted",

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "dashboards" / "rules" / "sqlprobe.rules.yml"
 RULES_TEST = ROOT / "dashboards" / "rules" / "sqlprobe.rules.test.yml"
 REQUIRED_ALERTS = {
+    "SqlprobeDatabaseUnreachable",
     "SqlprobeSlowQueryRateHigh",
     "SqlprobeQueryLatencyP99High",
     "SqlprobePoolExhausted",

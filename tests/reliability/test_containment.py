@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,8 @@ from sqlalchemy.exc import DBAPIError
 from structlog.testing import LogCapture
 
 import sqlprobe
-from sqlprobe._core import _collector
+from sqlprobe._analysis._nplusone import Detector
+from sqlprobe._core._contain import INTERNAL_ERROR_LOG_INTERVAL
 from sqlprobe._sinks._prometheus import EngineSeries
 
 from ..conftest import make_logger
@@ -41,13 +43,6 @@ from .conftest import (
 )
 
 SINKS = ["prometheus", "spans", "logger", "nplusone", "explain", "pool"]
-
-
-class RaisingPoolObserver:
-    """A pool observer (as the OTel pool metrics use) whose every callback raises."""
-
-    def __init__(self) -> None:
-        self.wait = self.use = self.create = self.timeout = Raiser()
 
 
 def _broken_probe(
@@ -78,9 +73,20 @@ def _broken_probe(
     elif sink == "explain":
         kwargs.update(explain=True, slow_query_threshold=0)
     raiser = Raiser()
+    # The statement and pool paths bind what they call at attach: break it before.
     if sink == "prometheus":
-        # The statement path binds the series' method at attach: break it before.
         monkeypatch.setattr(EngineSeries, "observe", raiser)
+    elif sink == "nplusone":
+        original = Detector.report
+
+        def broken(self: Detector, *args: Any) -> None:
+            original(self, *args)
+            raiser()
+
+        monkeypatch.setattr(Detector, "report", broken)
+    elif sink == "pool":
+        # A pool sink that fails (as the OTel pool metrics could) on every checkout.
+        monkeypatch.setattr(EngineSeries, "checkout", raiser)
     probe = sqlprobe.attach(engine, registry=registry, logger=logger, **kwargs)
     collector = probe.collector
     assert collector is not None
@@ -97,21 +103,10 @@ def _broken_probe(
             "nplusone": lambda: rl.count("n_plus_one"),
         }
     elif sink == "nplusone":
-        detect = collector.per_statement
-        assert detect is not None, "the N+1 detector is not installed"
-
-        def broken(entry: Any, context: Any) -> None:
-            detect(entry, context)
-            raiser()
-
-        monkeypatch.setattr(collector, "per_statement", broken)
+        assert collector.unit is not None, "the N+1 detector is not installed"
         counts = {"nplusone": lambda: raiser.calls}
     elif sink == "pool":
-        pool = getattr(probe, "pool", None)
-        assert pool is not None, "the pool metrics are not installed"
-        observer = RaisingPoolObserver()
-        pool.add_observer(observer)
-        counts = {"pool": lambda: observer.wait.calls}
+        counts = {"pool": lambda: raiser.calls}
     else:
         explainers = [s.explainer for s in collector.slow_sinks if getattr(s, "explainer", None)]
         assert explainers, "EXPLAIN is not installed"
@@ -196,7 +191,9 @@ def test_internal_error_is_logged_once_per_stage_per_minute(
             assert events[0]["error"] == "Boom"
             assert events[0]["log_level"] == "error"
             # A minute later the stage may log again.
-            collector._last_logged["collector"] -= _collector.INTERNAL_ERROR_LOG_INTERVAL + 1
+            limiter = collector.contain.limiter  # type: ignore[attr-defined]
+            later = time.monotonic() + INTERNAL_ERROR_LOG_INTERVAL + 1
+            limiter.clock = lambda: later
             conn.execute(text("SELECT 1")).scalar()
             conn.execute(text("SELECT 2")).scalar()
         events = [e for e in logs.entries if e["event"] == "internal_error"]
@@ -237,6 +234,18 @@ def _memory_flat_on_error_paths(
     logger = RaisingLogger(remember=False)
     observe, detect = Raiser(), Raiser()
     monkeypatch.setattr(EngineSeries, "observe", observe)
+    make_callback = Detector._make_callback
+
+    def broken_callback(self: Detector) -> Any:
+        real = make_callback(self)
+
+        def on_statement(*args: Any) -> None:
+            real(*args)
+            detect()
+
+        return on_statement
+
+    monkeypatch.setattr(Detector, "_make_callback", broken_callback)
     probe = sqlprobe.attach(
         sqlite_engine,
         registry=registry,
@@ -246,7 +255,6 @@ def _memory_flat_on_error_paths(
     )
     collector = probe.collector
     assert collector is not None
-    monkeypatch.setattr(collector, "per_statement", detect)
     try:
         _error_path_run(sqlite_engine, 3000)  # warm every cache first
         gc.collect()

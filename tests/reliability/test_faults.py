@@ -203,6 +203,9 @@ def _check_after_fault(
     for load in (bare, watched):
         assert all(t > fault_end for t in load.last_ok), "a worker did not recover"
     counted = samples_by(registry, "sqlprobe_query_errors_total", "error")
+    # A checkout whose new connection failed ran no statement: it is a connect error.
+    for name, n in samples_by(registry, "sqlprobe_pool_connect_errors_total", "error").items():
+        counted[name] = counted.get(name, 0) + n
     # Every error the application saw was counted under its class.
     for name, n in watched.errors.items():
         assert counted.get(name, 0) >= n, (counted, watched.errors)

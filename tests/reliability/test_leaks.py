@@ -83,8 +83,11 @@ def _workload(engine: Engine, name: str) -> None:
             )
         with engine.connect() as conn:
             assert conn.execute(select(users.c.id).where(users.c.login == PARAM)).scalar() == 1
-            for _ in range(6):  # an N+1 shape, literal in the text
-                conn.execute(text(f"SELECT id FROM {name} WHERE password = '{LITERAL}'")).all()
+            for i in range(6):  # an N+1 shape (varying values), literal in the text
+                conn.execute(
+                    text(f"SELECT id FROM {name} WHERE password = '{LITERAL}' AND id = :i"),
+                    {"i": i},
+                ).all()
             conn.execute(text(f"UPDATE {name} SET password = '{LITERAL}' WHERE id = 1"))
             conn.commit()
             with pytest.raises(DBAPIError) as info:

@@ -122,10 +122,10 @@ def soak(seconds: float, unique: str) -> dict[str, Any]:
                 try:
                     with sqlprobe.scope("soak unit"), engine.connect() as conn:
                         c.checkouts += 1
-                        for _ in range(5):
+                        for j in range(5):  # one SELECT per item: an N+1 per unit
                             c.selects += 1
                             t0 = clock()
-                            conn.execute(select_one, {"k": key}).scalar()
+                            conn.execute(select_one, {"k": key + j}).scalar()
                             if lat is not None:
                                 lat.append(clock() - t0)
                         c.detections += 1
