@@ -1,4 +1,11 @@
-"""The ``sqlprobe`` command: ``sqlprobe demo`` and friends.
+"""The ``sqlprobe`` command line: ``sqlprobe demo`` and friends.
+
+Every mistake in the command line or its environment is reported in one line that
+names the argument and what it accepts, with exit status 2 (argparse's convention),
+never with a traceback: the parser's type functions check each value (a database URL
+is parsed and its driver imported before anything runs), and the errors that can only
+show later (the database refuses the connection, the /metrics port is taken) are
+raised as :class:`UsageError` and reported the same way.
 
 ``sqlprobe demo`` runs a small but typical SQLAlchemy application (users with orders
 and articles: lazy and eager relationship loading, aggregates, a bulk update, a
@@ -11,28 +18,139 @@ statements by total time when it stops. It runs on an embedded SQLite file unles
 from __future__ import annotations
 
 import argparse
-import os
+import logging
+import math
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["UsageError", "main"]
 
 DEFAULT_SQLITE_FILE = "sqlprobe-demo.db"
+
+DESCRIPTION = (
+    "sqlprobe: query-performance profiling and observability for SQLAlchemy. "
+    "'sqlprobe demo' runs a small application with sqlprobe attached and shows what it measures."
+)
+URL_FORMS = "dialect[+driver]://[user[:password]@]host[:port]/database, e.g. sqlite:///demo.db"
+
+
+class UsageError(Exception):
+    """A user error found after parsing, reported as ``argument ARG: message`` (exit 2)."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(f"argument {argument}: {message}")
+        self.argument = argument
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors in one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> Any:
+        first = message.splitlines()[0] if message else "invalid arguments"
+        self.exit(2, f"{self.prog}: error: {first} (see '{self.prog} --help')\n")
 
 
 def _need_rich() -> Any:
     try:
         import rich
     except ImportError:  # pragma: no cover - exercised only without the extra
-        sys.exit("sqlprobe demo needs rich for its output: pip install 'sqlprobe[cli]'")
+        print(
+            "sqlprobe: error: the command line needs rich: pip install 'sqlprobe[cli]'",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     return rich
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _database_url(raw: str) -> str:
+    """argparse type of ``--url``: a URL SQLAlchemy parses, whose driver is installed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not a database URL; expected {URL_FORMS}"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        raise argparse.ArgumentTypeError(
+            f"{shown}: SQLAlchemy has no dialect {url.drivername!r} (sqlite, postgresql, "
+            "mysql, mariadb, mssql and oracle are built in; others come from their own "
+            "packages)"
+        ) from None
+    if getattr(dialect, "is_async", False):
+        raise argparse.ArgumentTypeError(
+            f"{shown}: the demo needs a synchronous driver, {url.drivername!r} is asyncio "
+            "(e.g. postgresql+psycopg, mysql+pymysql, sqlite)"
+        )
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or _first_line(exc)
+        raise argparse.ArgumentTypeError(
+            f"{shown}: the driver of {url.drivername!r} is not installed (no module "
+            f"{missing!r}); install it with pip, or choose another driver"
+        ) from None
+    return raw
+
+
+def _port(raw: str) -> int:
+    """argparse type of ``--port``."""
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a port number from 0 to 65535 (0 picks a free port), got {raw!r}"
+        )
+    return port
+
+
+def _iterations(raw: str) -> int:
+    """argparse type of ``--iterations``."""
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {raw!r}")
+    return count
+
+
+def _duration(raw: str) -> float:
+    """argparse type of ``--duration``."""
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds, 0 or more (0 runs until Ctrl-C), got {raw!r}"
+        )
+    return seconds
+
+
+def _address(raw: str) -> str:
+    """argparse type of ``--addr``: anything non-empty; binding tells the rest."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("expected a host name or IP address, got ''")
+    return raw.strip()
 
 
 class _ConsoleLogger:
@@ -106,6 +224,7 @@ def run_demo(
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         _install_sqlite_sleep(engine)
+    check_connection(engine)
 
     logger = structlog.wrap_logger(
         _ConsoleLogger(console),
@@ -122,9 +241,11 @@ def run_demo(
     if port is not None:
         try:
             server = sqlprobe.start_http_server(port=port, addr=addr)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             probe.detach()
-            raise SystemExit(f"cannot serve /metrics on {addr}:{port}: {exc}") from None
+            engine.dispose()
+            argument = "--addr" if "address" in str(exc) else "--port"
+            raise UsageError(argument, str(exc)) from None
         console.print(f"Serving Prometheus metrics at [bold]{server.url}[/bold]")
 
     if reset:
@@ -245,6 +366,21 @@ class _Cancelled(Exception):
     pass
 
 
+def check_connection(engine: Any) -> None:
+    """Connect once, so that a database that refuses is reported as a ``--url`` error."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        engine.dispose()
+        shown = engine.url.render_as_string(hide_password=True)
+        raise UsageError(
+            "--url", f"cannot connect to {shown}: {type(exc.orig).__name__}: {_first_line(exc)}"
+        ) from None
+
+
 def _print_table(console: Any, stats: Sequence[Any], limit: int = 10) -> None:
     from rich.table import Table
 
@@ -272,9 +408,36 @@ def _print_table(console: Any, stats: Sequence[Any], limit: int = 10) -> None:
     console.print(table)
 
 
+def _version() -> str:
+    import platform
+
+    import sqlalchemy
+
+    from . import __version__
+
+    return (
+        f"sqlprobe {__version__} (SQLAlchemy {sqlalchemy.__version__}, "
+        f"Python {platform.python_version()})"
+    )
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, importing SQLAlchemy only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        print(_version())
+        parser.exit(0)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sqlprobe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from ._config import env_metrics_addr, env_metrics_port
+
+    parser = _Parser(prog="sqlprobe", description=DESCRIPTION)
+    parser.add_argument("--version", action=_VersionAction)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
         help="run a demo SQLAlchemy application with sqlprobe attached",
@@ -285,27 +448,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--url",
+        type=_database_url,
         help=f"database URL (default: an embedded SQLite file, ./{DEFAULT_SQLITE_FILE})",
     )
     demo.add_argument(
         "--duration",
-        type=float,
+        type=_duration,
         default=30.0,
+        metavar="SECONDS",
         help="seconds to run (default 30; 0 runs until Ctrl-C or SIGTERM)",
     )
     demo.add_argument(
-        "--iterations", type=int, default=None, help="stop after this many iterations instead"
+        "--iterations",
+        type=_iterations,
+        default=None,
+        metavar="N",
+        help="stop after N iterations instead (N >= 1)",
     )
+    port = env_metrics_port()
     demo.add_argument(
         "--port",
-        type=int,
-        default=int(os.environ.get("SQLPROBE_METRICS_PORT", "9464")),
-        help="port for /metrics (default 9464; 0 picks a free one)",
+        type=_port,
+        default=port,
+        help=f"port for /metrics (default {port}, set by SQLPROBE_METRICS_PORT; "
+        "0 picks a free one)",
     )
+    addr = env_metrics_addr()
     demo.add_argument(
         "--addr",
-        default=os.environ.get("SQLPROBE_METRICS_ADDR", "127.0.0.1"),
-        help="address for /metrics (default 127.0.0.1)",
+        type=_address,
+        default=addr,
+        help=f"address for /metrics (default {addr}, set by SQLPROBE_METRICS_ADDR)",
     )
     demo.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     demo.add_argument(
@@ -316,21 +489,61 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging() -> Callable[[], None]:
+    """Send sqlprobe's warnings to stderr, one line each; returns the undo.
+
+    The command line is an application, so it may say where sqlprobe's own warnings go
+    (the library never does). Undone on return, for callers of :func:`main` in-process.
+    """
+    log = logging.getLogger("sqlprobe")
+    if log.handlers or logging.getLogger().handlers:
+        return lambda: None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sqlprobe: %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+
+    def undo() -> None:
+        log.removeHandler(handler)
+        log.propagate = True
+
+    return undo
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sqlprobe`` console script."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``sqlprobe`` console script; returns the exit status.
+
+    Argument errors exit through argparse (``SystemExit(2)``); errors found later are
+    returned as 2, after one line on stderr.
+    """
+    undo_logging = _setup_logging()
+    try:
+        args = _parser().parse_args(argv)
+        return _run(args)
+    except UsageError as exc:
+        print(f"sqlprobe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        undo_logging()
+
+
+def _run(args: argparse.Namespace) -> int:
     _need_rich()
     from rich.console import Console
 
     console = Console()
     if args.command == "demo":
-        if args.duration < 0:
-            console.print("--duration must be >= 0")
-            return 2
         if args.compare_loading:
+            from sqlalchemy import create_engine
+
             from . import _loading
 
             url = args.url or f"sqlite:///{DEFAULT_SQLITE_FILE}"
+            engine = create_engine(url)
+            check_connection(engine)
+            engine.dispose()
             rows = _loading.run_comparison(url)
             console.print(_loading.render(rows))
             return 0
@@ -351,5 +564,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    with suppress(KeyboardInterrupt):
-        sys.exit(main())
+    sys.exit(main())
