@@ -45,6 +45,11 @@ log "lint and types"
 .venv/bin/ruff format --check sqlprobe tests benchmarks examples dashboards
 .venv/bin/mypy
 
+log "docs (mkdocs build --strict)"
+docs_out=$(mktemp -d)
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$docs_out/site"
+rm -rf "$docs_out"
+
 log "tests (SQLAlchemy 2.1)"
 set +e
 .venv/bin/python -m pytest "$@"
