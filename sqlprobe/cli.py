@@ -34,10 +34,12 @@ from typing import Any
 __all__ = ["UsageError", "main"]
 
 DEFAULT_SQLITE_FILE = "sqlprobe-demo.db"
+DEFAULT_TOP_URL = "http://127.0.0.1:9464/metrics"
 
 DESCRIPTION = (
     "sqlprobe: query-performance profiling and observability for SQLAlchemy. "
-    "'sqlprobe demo' runs a small application with sqlprobe attached and shows what it measures."
+    "'sqlprobe demo' runs a small application with sqlprobe attached and shows what it measures; "
+    "'sqlprobe top' watches any sqlprobe /metrics endpoint live."
 )
 URL_FORMS = "dialect[+driver]://[user[:password]@]host[:port]/database, e.g. sqlite:///demo.db"
 
@@ -145,6 +147,29 @@ def _duration(raw: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected a number of seconds, 0 or more (0 runs until Ctrl-C), got {raw!r}"
         )
+    return seconds
+
+
+def _metrics_url(raw: str) -> str:
+    """argparse type of ``sqlprobe top URL``."""
+    from ._top import normalize_url
+
+    try:
+        return normalize_url(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an http(s) URL or HOST:PORT, e.g. {DEFAULT_TOP_URL}, got {raw!r}"
+        ) from None
+
+
+def _interval(raw: str) -> float:
+    """argparse type of ``--interval``."""
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not math.isfinite(seconds) or seconds < 0.1:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0.1 or more, got {raw!r}")
     return seconds
 
 
@@ -489,6 +514,39 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead of the workload, measure each relationship loading strategy",
     )
+    top = sub.add_parser(
+        "top",
+        help="live view of a sqlprobe /metrics endpoint",
+        description=(
+            "Scrape a sqlprobe /metrics endpoint every few seconds and show statements, "
+            "errors and slow statements per second, the statements that take the most time, "
+            "latency percentiles per operation, N+1 detections and the connection pools. "
+            "Ctrl-C quits."
+        ),
+    )
+    top.add_argument(
+        "url",
+        nargs="?",
+        type=_metrics_url,
+        default=DEFAULT_TOP_URL,
+        metavar="URL",
+        help=f"the endpoint (default {DEFAULT_TOP_URL}; HOST:PORT is enough)",
+    )
+    top.add_argument(
+        "--interval",
+        type=_interval,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between scrapes (default 2)",
+    )
+    top.add_argument(
+        "--limit", type=_iterations, default=8, metavar="N", help="statements shown (default 8)"
+    )
+    top.add_argument(
+        "--once",
+        action="store_true",
+        help="print one view (two scrapes an interval apart) and exit; for pipes and scripts",
+    )
     return parser
 
 
@@ -568,6 +626,12 @@ def _run(args: argparse.Namespace) -> int:
             f"in {result.elapsed:.1f} s"
         )
         return 0
+    if args.command == "top":
+        from . import _top
+
+        return _top.run(
+            args.url, interval=args.interval, once=args.once, console=console, limit=args.limit
+        )
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
