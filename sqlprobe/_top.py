@@ -248,7 +248,13 @@ def render(
     shapes.add_column(f"time{'/s' if per_second else ' s'}", justify="right", no_wrap=True)
     shapes.add_column(f"calls{unit}", justify="right", no_wrap=True)
     shapes.add_column("mean ms", justify="right", no_wrap=True)
-    shapes.add_column("engine · statement (normalized)", overflow="fold", ratio=1)
+    engines = {key[0] for key in cur.calls}
+    single = next(iter(engines)) if len(engines) == 1 else None
+    shapes.add_column(
+        f"statement (normalized) on {single}" if single else "engine · statement (normalized)",
+        overflow="fold",
+        ratio=1,
+    )
     ranked = sorted(
         (k for k in seconds if calls.get(k, 0.0) > 0), key=lambda k: seconds[k], reverse=True
     )
@@ -260,7 +266,7 @@ def render(
             f"{seconds[key] * scale:.3f}",
             _rate(n * scale),
             _ms(seconds[key] / n if n else None),
-            Text.assemble((f"{engine} ", "dim"), statement),
+            Text(statement) if single else Text.assemble((f"{engine} ", "dim"), statement),
         )
     if not ranked:
         shapes.add_row("-", "-", "-", Text("no statements in this window", style="dim"))

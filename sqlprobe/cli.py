@@ -39,7 +39,8 @@ DEFAULT_TOP_URL = "http://127.0.0.1:9464/metrics"
 DESCRIPTION = (
     "sqlprobe: query-performance profiling and observability for SQLAlchemy. "
     "'sqlprobe demo' runs a small application with sqlprobe attached and shows what it measures; "
-    "'sqlprobe top' watches any sqlprobe /metrics endpoint live."
+    "'sqlprobe top' watches any sqlprobe /metrics endpoint live; "
+    "'sqlprobe run -- COMMAND' runs a program with sqlprobe attached, without code changes."
 )
 URL_FORMS = "dialect[+driver]://[user[:password]@]host[:port]/database, e.g. sqlite:///demo.db"
 
@@ -171,6 +172,19 @@ def _interval(raw: str) -> float:
     if not math.isfinite(seconds) or seconds < 0.1:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, 0.1 or more, got {raw!r}")
     return seconds
+
+
+def _milliseconds(raw: str) -> float:
+    """argparse type of ``--slow-query-ms``."""
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not math.isfinite(ms) or ms < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of milliseconds, 0 or more, got {raw!r}"
+        )
+    return ms
 
 
 def _address(raw: str) -> str:
@@ -547,6 +561,45 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one view (two scrapes an interval apart) and exit; for pipes and scripts",
     )
+    run = sub.add_parser(
+        "run",
+        help="run a Python program with sqlprobe attached to every engine",
+        usage="sqlprobe run [options] -- COMMAND [ARGS ...]",
+        description=(
+            "Run COMMAND (python, gunicorn, uvicorn, flask, ...) with sqlprobe attached to "
+            "every SQLAlchemy engine it creates and /metrics served, without changing its "
+            "code. SQLPROBE_* variables configure sqlprobe as usual. Pre-fork servers "
+            "(gunicorn, uwsgi, uvicorn --workers) get Prometheus multiprocess mode."
+        ),
+    )
+    run.add_argument(
+        "--port",
+        type=_port,
+        default=port,
+        help=f"port for /metrics (default {port}, set by SQLPROBE_METRICS_PORT; "
+        "0 picks a free one)",
+    )
+    run.add_argument(
+        "--addr",
+        type=_address,
+        default=addr,
+        help=f"address for /metrics (default {addr}, set by SQLPROBE_METRICS_ADDR)",
+    )
+    run.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    run.add_argument(
+        "--multiprocess",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Prometheus multiprocess mode (default: on for gunicorn, uwsgi and uvicorn --workers)",
+    )
+    run.add_argument(
+        "--slow-query-ms",
+        type=_milliseconds,
+        default=None,
+        metavar="MS",
+        help="slow-query threshold in milliseconds (sets SQLPROBE_SLOW_QUERY_MS)",
+    )
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help=argparse.SUPPRESS)
     return parser
 
 
@@ -591,6 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run_command(args)
     _need_rich()
     from rich.console import Console
 
@@ -633,6 +688,29 @@ def _run(args: argparse.Namespace) -> int:
             args.url, interval=args.interval, once=args.once, console=console, limit=args.limit
         )
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from . import _run
+
+    command = list(args.argv)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if command[:1] and command[0].startswith("-"):
+        raise UsageError(
+            "COMMAND", f"unknown option {command[0]!r} (options go before --, the command after)"
+        )
+    try:
+        return _run.run(
+            command,
+            serve=not args.no_metrics,
+            addr=args.addr,
+            port=args.port,
+            multiprocess=args.multiprocess,
+            slow_query_ms=args.slow_query_ms,
+        )
+    except _run.RunError as exc:
+        raise UsageError(exc.argument, str(exc)) from None
 
 
 if __name__ == "__main__":  # pragma: no cover
