@@ -24,12 +24,12 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["UsageError", "main"]
 
@@ -201,9 +201,87 @@ class _ConsoleLogger:
         self._console = console
 
     def msg(self, message: str) -> None:
-        self._console.print(message, markup=False, highlight=False, soft_wrap=True)
+        self._console.print(message, markup=False, highlight=False)
 
     debug = info = warning = error = critical = exception = msg
+
+
+#: The slow-query and N+1 logs let this many events through per scope and statement a
+#: minute (docs/logging.md); the demo says so when it reaches that many.
+LOG_RATE_LIMIT = 5
+
+
+class _ShortRenderer:
+    """One short line per event: the fields that tell what happened and where.
+
+    sqlprobe's events carry everything (engine, fingerprint, trace ids...) for machines;
+    a person watching the demo needs the event, what it is about and the line of code.
+    It also says when an event kind reaches the log's rate limit, so that the quiet
+    that follows is not mistaken for the problem going away.
+    """
+
+    FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "n_plus_one": ("relationship", "count", "scope", "suggestion", "source", "suppressed"),
+        "slow_query": ("duration_ms", "statement", "error", "source", "suppressed"),
+    }
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, str, str], int] = {}
+
+    def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]) -> str:
+        name = str(event.get("event", ""))
+        fields = self.FIELDS.get(name)
+        stamp = event.get("timestamp", "")
+        if fields is None:
+            rest = " ".join(
+                f"{k}={v!r}" for k, v in event.items() if k not in ("event", "timestamp")
+            )
+            return f"{stamp} {name} {rest}".rstrip()
+        parts = [f"{stamp} {name}"]
+        for key in fields:
+            value = event.get(key)
+            if value in (None, "", 0) and key in ("suppressed", "error", "relationship"):
+                continue
+            if key == "duration_ms" and isinstance(value, (int, float)):
+                value = f"{value:.0f}"
+            if key == "source":
+                parts.append(f"source={value}")
+            elif isinstance(value, str) and (" " in value or not value):
+                parts.append(f"{key}={value!r}")
+            else:
+                parts.append(f"{key}={value}")
+        line = " ".join(parts)
+        key3 = (name, str(event.get("scope", "")), str(event.get("fingerprint", "")))
+        self.seen[key3] = self.seen.get(key3, 0) + 1
+        if self.seen[key3] == LOG_RATE_LIMIT:
+            line += (
+                f"\n{stamp} note: that is {LOG_RATE_LIMIT} {name} events for this statement "
+                f"in {event.get('scope') or 'this scope'}; the log holds back further ones for "
+                "a minute (the next says how many it held back); the metrics count every one"
+            )
+        return line
+
+
+@dataclass
+class _Findings:
+    """What the demo found, gathered while it runs, for the summary at the end."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    failures: dict[tuple[str, str], int] = field(default_factory=dict)
+    n_plus_one: dict[str, tuple[Any, int]] = field(default_factory=dict)
+
+    def take(self, capture: Any) -> None:
+        """Move a capture's records into the findings (and empty it: memory stays flat)."""
+        for record in capture.statements:
+            self.texts.setdefault(record.fingerprint, record.statement)
+            if record.error:
+                key = (record.fingerprint, record.error)
+                self.failures[key] = self.failures.get(key, 0) + 1
+        del capture.statements[:]
+        for detection in capture.n_plus_one:
+            first, count = self.n_plus_one.get(detection.fingerprint, (detection, 0))
+            self.n_plus_one[detection.fingerprint] = (first, count + 1)
+        del capture.n_plus_one[:]
 
 
 @dataclass
@@ -251,7 +329,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo workload until ``duration`` seconds or ``iterations`` pass, or Ctrl-C."""
     import structlog
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from sqlalchemy import create_engine, select, text
     from sqlalchemy.exc import DBAPIError
     from sqlalchemy.orm import Session, joinedload, selectinload
@@ -272,7 +350,7 @@ def run_demo(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="%H:%M:%S"),
-            structlog.dev.ConsoleRenderer(colors=console.is_terminal),
+            _ShortRenderer(),
         ],
     )
     # The one line an application adds:
@@ -339,8 +417,7 @@ def run_demo(
                 session.flush()
                 raise _Cancelled("payment declined")
         except _Cancelled:
-            pass
-        session.rollback()
+            pass  # the savepoint is rolled back; the order's transaction goes on and commits
 
     def failing(session: Session) -> None:
         try:
@@ -356,20 +433,25 @@ def run_demo(
         rolled_back,
     ]
 
+    from .testing import capture
+
     started = time.monotonic()
     done = 0
+    findings = _Findings()
+    recorder = capture(engine)
+    recorder.__enter__()
     try:
         with Progress(
             SpinnerColumn(),
             TextColumn("[bold]sqlprobe demo[/bold]"),
-            BarColumn(),
             TextColumn("{task.completed} iterations · {task.fields[statements]} statements"),
+            TextColumn("{task.fields[found]}"),
             TimeElapsedColumn(),
             console=console,
             transient=False,
         ) as progress:
             total = iterations if iterations is not None else None
-            task = progress.add_task("demo", total=total, statements=0)
+            task = progress.add_task("demo", total=total, statements=0, found="")
             while not stop["now"]:
                 if iterations is not None and done >= iterations:
                     break
@@ -380,21 +462,29 @@ def run_demo(
                         step(session)
                     if done % slow_every == 0:
                         session.execute(slow_sql)  # the deliberately slow query
-                        failing(session)  # and the failing one
+                        failing(session)  # and the failing one (its transaction rolls back)
                         deactivate_idle_users(session, datetime(2026, 1, 1) - timedelta(days=30))
                     session.commit()
                 done += 1
+                findings.take(recorder)
                 progress.update(
                     task,
                     completed=done,
                     statements=sum(s.calls for s in probe.statements()),
+                    found=(
+                        f"· {sum(n for _, n in findings.n_plus_one.values())} N+1 · "
+                        f"{sum(findings.failures.values())} errors"
+                    ),
                 )
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
         elapsed = time.monotonic() - started
+        recorder.__exit__(None, None, None)
+        findings.take(recorder)
         stats = probe.statements()
-        _print_table(console, stats)
+        _print_table(console, stats, findings)
+        _print_findings(console, stats, findings, probe, server, probe.options)
         statements = sum(s.calls for s in stats)
         probe.detach()
         if server is not None:
@@ -422,31 +512,112 @@ def check_connection(engine: Any) -> None:
         ) from None
 
 
-def _print_table(console: Any, stats: Sequence[Any], limit: int = 10) -> None:
+def _print_table(console: Any, stats: Sequence[Any], findings: _Findings, limit: int = 10) -> None:
+    """The top statements by total time; full normalized text, wrapped, never cut."""
     from rich.table import Table
 
-    table = Table(title="Top statements by total time", title_justify="left")
-    table.add_column("calls", justify="right", no_wrap=True, min_width=5)
-    table.add_column("total ms", justify="right", no_wrap=True, min_width=8)
-    table.add_column("mean ms", justify="right", no_wrap=True, min_width=7)
-    table.add_column("rows", justify="right", no_wrap=True, min_width=5)
-    table.add_column("fingerprint", style="dim", no_wrap=True, min_width=16)
-    table.add_column(
-        "statement (normalized)",
-        no_wrap=True,
-        overflow="ellipsis",
-        max_width=max(20, min(90, console.width - 64)),
-    )
-    for s in stats[:limit]:
+    n_plus_one = set(findings.n_plus_one)
+    failing = {fp for fp, _error in findings.failures}
+    table = Table(title="Top statements by total time", title_justify="left", expand=True)
+    table.add_column("calls", justify="right", no_wrap=True)
+    table.add_column("total ms", justify="right", no_wrap=True)
+    table.add_column("mean ms", justify="right", no_wrap=True)
+    table.add_column("statement (normalized)", overflow="fold", ratio=1)
+    # Only what the workload ran (the capture saw it, with its full text): the schema
+    # set-up before it is not what the demo is about.
+    for s in [s for s in stats if s.fingerprint in findings.texts][:limit]:
+        marks = []
+        if s.fingerprint in n_plus_one:
+            marks.append("N+1")
+        if s.fingerprint in failing:
+            marks.append("error")
+        if s.mean_seconds >= 0.1:
+            marks.append("slow")
+        text = findings.texts.get(s.fingerprint, s.statement)
         table.add_row(
             str(s.calls),
             f"{s.total_seconds * 1000:.1f}",
-            f"{s.mean_seconds * 1000:.3f}",
-            str(s.rows),
-            s.fingerprint,
-            s.statement,
+            f"{s.mean_seconds * 1000:.2f}",
+            f"[{', '.join(marks)}] {text}" if marks else text,
         )
-    console.print(table)
+    console.print(table, markup=False)
+
+
+def _print_findings(
+    console: Any,
+    stats: Sequence[Any],
+    findings: _Findings,
+    probe: Any,
+    server: Any,
+    options: Any,
+) -> None:
+    """What the demo found, and what to do next: plain wrapped text, readable when piped."""
+    import textwrap
+
+    from prometheus_client import REGISTRY
+    from rich.rule import Rule
+
+    def say(text: str = "", indent: int = 0) -> None:
+        # Wrapped between words (never inside a name), so a statement is whole when piped.
+        lines = textwrap.wrap(
+            text,
+            width=max(40, console.width),
+            initial_indent=" " * indent,
+            subsequent_indent=" " * indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        for line in lines or [""]:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    name = probe.name or ""
+    threshold = options.slow_query_threshold if options is not None else 0.1
+    console.print(Rule("What sqlprobe found", align="left"))
+    if findings.n_plus_one:
+        for first, count in sorted(findings.n_plus_one.values(), key=lambda v: -v[1]):
+            what = f"the relationship {first.relationship}" if first.relationship else "a query"
+            say(f"N+1: {what}, {count} times in {first.scope!r} (at {first.source})")
+            say(f"statement, run once per parent: {first.statement}", 4)
+            say(f"fix: {first.suggestion}", 4)
+    else:
+        say("N+1: none detected")
+    slow = [s for s in stats if s.mean_seconds >= threshold]
+    for s in slow[:3]:
+        say(
+            f"slow: {s.calls} call(s), mean {s.mean_seconds * 1000:.0f} ms "
+            f"(threshold {threshold * 1000:.0f} ms):"
+        )
+        say(findings.texts.get(s.fingerprint, s.statement), 4)
+    if not slow:
+        say(f"slow: no statement over {threshold * 1000:.0f} ms on average")
+    for (fingerprint, error), count in sorted(findings.failures.items(), key=lambda kv: -kv[1]):
+        say(f"failed: {count} time(s) with {error}:")
+        say(findings.texts.get(fingerprint, fingerprint), 4)
+    if not findings.failures:
+        say("failed: no statement")
+
+    def sample(metric: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(metric, {"engine": name, **labels}) or 0.0
+
+    checkouts = sample("sqlprobe_pool_checkout_wait_seconds_count")
+    waited = sample("sqlprobe_pool_checkout_wait_seconds_sum")
+    timeouts = sample("sqlprobe_pool_checkout_timeouts_total")
+    mean_wait = f", mean wait {waited / checkouts * 1000:.2f} ms" if checkouts else ""
+    say(f"pool: {checkouts:.0f} checkouts{mean_wait}, {timeouts:.0f} timeouts")
+    commits = sample("sqlprobe_transaction_duration_seconds_count", outcome="commit")
+    rollbacks = sample("sqlprobe_transaction_duration_seconds_count", outcome="rollback")
+    say(f"transactions: {commits:.0f} committed, {rollbacks:.0f} rolled back")
+
+    console.print(Rule("Next", align="left"))
+    say("In your application, one line after creating the engine:")
+    say("import sqlprobe; sqlprobe.attach(engine); sqlprobe.start_http_server()", 4)
+    say("or, without changing its code: sqlprobe run -- python app.py")
+    say("Watch a running application: sqlprobe top 127.0.0.1:9464")
+    say("Dashboards and alerts: docker compose up --build in the repository, then open")
+    say("Grafana at http://localhost:3000 (dashboards 'sqlprobe / Queries' and '... pool')", 4)
+    say("Docs: the repository's docs/ (mkdocs serve): configuration, metrics, runbooks")
+    if server is not None:
+        say(f"(this run served its metrics at {server.url})")
 
 
 def _version() -> str:

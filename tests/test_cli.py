@@ -231,3 +231,42 @@ def test_bad_port_variable_does_not_break_help() -> None:
     assert len(warning) == 1, proc.stderr
     assert "SQLPROBE_METRICS_PORT='abc'" in warning[0] and "0 to 65535" in warning[0]
     assert "default 9464" in proc.stdout
+
+
+def test_demo_summary_at_80_columns(tmp_path: Path) -> None:
+    """Piped at 80 columns, the demo ends with its findings, and no statement is cut."""
+    proc = subprocess.run(
+        [*[sys.executable, "-m", "sqlprobe.cli"], "demo", "--iterations", "26", "--no-metrics"],
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "…" not in out and "..." not in out.split("What sqlprobe found")[0]
+    # The log's rate limit is announced, not left to look like the N+1 went away.
+    assert "the log holds back further ones for a minute" in " ".join(out.split())
+    summary = out.split("What sqlprobe found", 1)[1]
+    flat = " ".join(re.sub(r"[│┃]", " ", summary).split())
+    assert "N+1: the relationship User.orders, 26 times in 'GET /users'" in flat
+    assert (
+        "SELECT sqlprobe_demo_orders.id, sqlprobe_demo_orders.user_id, "
+        "sqlprobe_demo_orders.product_name, sqlprobe_demo_orders.amount, "
+        "sqlprobe_demo_orders.created_at FROM sqlprobe_demo_orders "
+        "WHERE ? = sqlprobe_demo_orders.user_id"
+    ) in flat
+    assert "fix: selectinload(User.orders)" in flat
+    assert "slow: 2 call(s)" in flat and "SELECT sqlprobe_sleep(?)" in flat
+    assert "failed: 2 time(s) with OperationalError: SELECT no_such_column FROM" in flat
+    # A realistic transaction mix: the failing statement's transaction is the only rollback.
+    rolled = int(re.search(r"(\d+) rolled back", flat).group(1))  # type: ignore[union-attr]
+    committed = int(re.search(r"(\d+) committed", flat).group(1))  # type: ignore[union-attr]
+    assert rolled == 2 and committed >= 26
+    assert "sqlprobe.attach(engine)" in flat and "sqlprobe run --" in flat
+    # The table marks the N+1 and the slow statement, with their full text.
+    table = " ".join(re.sub(r"[│┃]", " ", out.split("Top statements by total time")[1]).split())
+    assert "[N+1] SELECT sqlprobe_demo_orders.id" in table
+    assert "[slow] SELECT sqlprobe_sleep(?)" in table

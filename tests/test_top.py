@@ -122,7 +122,7 @@ def test_render_of_a_real_exposition(
 def test_top_once_against_a_live_demo(demo: str) -> None:
     """`sqlprobe top URL --once` shows a non-zero statement rate and the slow query on top."""
     proc = subprocess.run(
-        [*SQLPROBE, "top", demo, "--once", "--interval", "1"],
+        [*SQLPROBE, "top", demo, "--once", "--interval", "2.5"],
         capture_output=True,
         text=True,
         env={**os.environ, "COLUMNS": "80"},
