@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
-from prometheus_client import make_asgi_app
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import ForeignKey, String, create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import (
@@ -79,8 +79,13 @@ def create_app(engine: Engine | None = None, **attach_options: Any) -> FastAPI:
 
     app = FastAPI()
     app.add_middleware(SqlprobeASGIMiddleware)
-    registry = attach_options.get("registry")
-    app.mount("/metrics", make_asgi_app(registry) if registry else make_asgi_app())
+    registry = attach_options.get("registry") or REGISTRY
+
+    # A route, not app.mount("/metrics", make_asgi_app()): a mount answers /metrics with
+    # a 307 redirect to /metrics/, which curl and some scrapers do not follow.
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/users")
     def users() -> list[dict[str, Any]]:
@@ -124,7 +129,7 @@ def main() -> None:
             for path in ("/users", "/users/eager", "/orders/recent/10"):
                 response = await client.get(path)
                 print(path, response.status_code)
-            metrics = (await client.get("/metrics/")).text
+            metrics = (await client.get("/metrics")).text
         print(*(line for line in metrics.splitlines() if "n_plus_one_total{" in line), sep="\n")
 
     asyncio.run(run())

@@ -13,6 +13,7 @@ log "system packages"
 need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
+command -v tmux >/dev/null || need_apt+=(tmux)  # `sqlprobe top` is tested in a terminal
 if [ ${#need_apt[@]} -gt 0 ]; then
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
@@ -45,6 +46,11 @@ log "lint and types"
 .venv/bin/ruff format --check sqlprobe tests benchmarks examples dashboards
 .venv/bin/mypy
 .venv/bin/lint-imports
+
+log "docs (mkdocs build --strict)"
+docs_out=$(mktemp -d)
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$docs_out/site"
+rm -rf "$docs_out"
 
 log "tests (SQLAlchemy 2.1)"
 set +e

@@ -1,4 +1,11 @@
-"""The ``sqlprobe`` command: ``sqlprobe demo`` and friends.
+"""The ``sqlprobe`` command line: ``sqlprobe demo`` and friends.
+
+Every mistake in the command line or its environment is reported in one line that
+names the argument and what it accepts, with exit status 2 (argparse's convention),
+never with a traceback: the parser's type functions check each value (a database URL
+is parsed and its driver imported before anything runs), and the errors that can only
+show later (the database refuses the connection, the /metrics port is taken) are
+raised as :class:`UsageError` and reported the same way.
 
 ``sqlprobe demo`` runs a small but typical SQLAlchemy application (users with orders
 and articles: lazy and eager relationship loading, aggregates, a bulk update, a
@@ -11,28 +18,180 @@ statements by total time when it stops. It runs on an embedded SQLite file unles
 from __future__ import annotations
 
 import argparse
-import os
+import logging
+import math
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from contextlib import suppress
-from dataclasses import dataclass
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
-__all__ = ["main"]
+__all__ = ["UsageError", "main"]
 
 DEFAULT_SQLITE_FILE = "sqlprobe-demo.db"
+DEFAULT_TOP_URL = "http://127.0.0.1:9464/metrics"
+
+DESCRIPTION = (
+    "sqlprobe: query-performance profiling and observability for SQLAlchemy. "
+    "'sqlprobe demo' runs a small application with sqlprobe attached and shows what it measures; "
+    "'sqlprobe top' watches any sqlprobe /metrics endpoint live; "
+    "'sqlprobe run -- COMMAND' runs a program with sqlprobe attached, without code changes."
+)
+URL_FORMS = "dialect[+driver]://[user[:password]@]host[:port]/database, e.g. sqlite:///demo.db"
+
+
+class UsageError(Exception):
+    """A user error found after parsing, reported as ``argument ARG: message`` (exit 2)."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(f"argument {argument}: {message}")
+        self.argument = argument
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors in one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> Any:
+        first = message.splitlines()[0] if message else "invalid arguments"
+        self.exit(2, f"{self.prog}: error: {first} (see '{self.prog} --help')\n")
 
 
 def _need_rich() -> Any:
     try:
         import rich
     except ImportError:  # pragma: no cover - exercised only without the extra
-        sys.exit("sqlprobe demo needs rich for its output: pip install 'sqlprobe[cli]'")
+        print(
+            "sqlprobe: error: the command line needs rich: pip install 'sqlprobe[cli]'",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     return rich
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _database_url(raw: str) -> str:
+    """argparse type of ``--url``: a URL SQLAlchemy parses, whose driver is installed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not a database URL; expected {URL_FORMS}"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        raise argparse.ArgumentTypeError(
+            f"{shown}: SQLAlchemy has no dialect {url.drivername!r} (sqlite, postgresql, "
+            "mysql, mariadb, mssql and oracle are built in; others come from their own "
+            "packages)"
+        ) from None
+    if getattr(dialect, "is_async", False):
+        raise argparse.ArgumentTypeError(
+            f"{shown}: the demo needs a synchronous driver, {url.drivername!r} is asyncio "
+            "(e.g. postgresql+psycopg, mysql+pymysql, sqlite)"
+        )
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or _first_line(exc)
+        raise argparse.ArgumentTypeError(
+            f"{shown}: the driver of {url.drivername!r} is not installed (no module "
+            f"{missing!r}); install it with pip, or choose another driver"
+        ) from None
+    return raw
+
+
+def _port(raw: str) -> int:
+    """argparse type of ``--port``."""
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a port number from 0 to 65535 (0 picks a free port), got {raw!r}"
+        )
+    return port
+
+
+def _iterations(raw: str) -> int:
+    """argparse type of ``--iterations``."""
+    try:
+        count = int(raw)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {raw!r}")
+    return count
+
+
+def _duration(raw: str) -> float:
+    """argparse type of ``--duration``."""
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds, 0 or more (0 runs until Ctrl-C), got {raw!r}"
+        )
+    return seconds
+
+
+def _metrics_url(raw: str) -> str:
+    """argparse type of ``sqlprobe top URL``."""
+    from ._top import normalize_url
+
+    try:
+        return normalize_url(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an http(s) URL or HOST:PORT, e.g. {DEFAULT_TOP_URL}, got {raw!r}"
+        ) from None
+
+
+def _interval(raw: str) -> float:
+    """argparse type of ``--interval``."""
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not math.isfinite(seconds) or seconds < 0.1:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0.1 or more, got {raw!r}")
+    return seconds
+
+
+def _milliseconds(raw: str) -> float:
+    """argparse type of ``--slow-query-ms``."""
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not math.isfinite(ms) or ms < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of milliseconds, 0 or more, got {raw!r}"
+        )
+    return ms
+
+
+def _address(raw: str) -> str:
+    """argparse type of ``--addr``: anything non-empty; binding tells the rest."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("expected a host name or IP address, got ''")
+    return raw.strip()
 
 
 class _ConsoleLogger:
@@ -42,9 +201,87 @@ class _ConsoleLogger:
         self._console = console
 
     def msg(self, message: str) -> None:
-        self._console.print(message, markup=False, highlight=False, soft_wrap=True)
+        self._console.print(message, markup=False, highlight=False)
 
     debug = info = warning = error = critical = exception = msg
+
+
+#: The slow-query and N+1 logs let this many events through per scope and statement a
+#: minute (docs/logging.md); the demo says so when it reaches that many.
+LOG_RATE_LIMIT = 5
+
+
+class _ShortRenderer:
+    """One short line per event: the fields that tell what happened and where.
+
+    sqlprobe's events carry everything (engine, fingerprint, trace ids...) for machines;
+    a person watching the demo needs the event, what it is about and the line of code.
+    It also says when an event kind reaches the log's rate limit, so that the quiet
+    that follows is not mistaken for the problem going away.
+    """
+
+    FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "n_plus_one": ("relationship", "count", "scope", "suggestion", "source", "suppressed"),
+        "slow_query": ("duration_ms", "statement", "error", "source", "suppressed"),
+    }
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, str, str], int] = {}
+
+    def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]) -> str:
+        name = str(event.get("event", ""))
+        fields = self.FIELDS.get(name)
+        stamp = event.get("timestamp", "")
+        if fields is None:
+            rest = " ".join(
+                f"{k}={v!r}" for k, v in event.items() if k not in ("event", "timestamp")
+            )
+            return f"{stamp} {name} {rest}".rstrip()
+        parts = [f"{stamp} {name}"]
+        for key in fields:
+            value = event.get(key)
+            if value in (None, "", 0) and key in ("suppressed", "error", "relationship"):
+                continue
+            if key == "duration_ms" and isinstance(value, (int, float)):
+                value = f"{value:.0f}"
+            if key == "source":
+                parts.append(f"source={value}")
+            elif isinstance(value, str) and (" " in value or not value):
+                parts.append(f"{key}={value!r}")
+            else:
+                parts.append(f"{key}={value}")
+        line = " ".join(parts)
+        key3 = (name, str(event.get("scope", "")), str(event.get("fingerprint", "")))
+        self.seen[key3] = self.seen.get(key3, 0) + 1
+        if self.seen[key3] == LOG_RATE_LIMIT:
+            line += (
+                f"\n{stamp} note: that is {LOG_RATE_LIMIT} {name} events for this statement "
+                f"in {event.get('scope') or 'this scope'}; the log holds back further ones for "
+                "a minute (the next says how many it held back); the metrics count every one"
+            )
+        return line
+
+
+@dataclass
+class _Findings:
+    """What the demo found, gathered while it runs, for the summary at the end."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    failures: dict[tuple[str, str], int] = field(default_factory=dict)
+    n_plus_one: dict[str, tuple[Any, int]] = field(default_factory=dict)
+
+    def take(self, capture: Any) -> None:
+        """Move a capture's records into the findings (and empty it: memory stays flat)."""
+        for record in capture.statements:
+            self.texts.setdefault(record.fingerprint, record.statement)
+            if record.error:
+                key = (record.fingerprint, record.error)
+                self.failures[key] = self.failures.get(key, 0) + 1
+        del capture.statements[:]
+        for detection in capture.n_plus_one:
+            first, count = self.n_plus_one.get(detection.fingerprint, (detection, 0))
+            self.n_plus_one[detection.fingerprint] = (first, count + 1)
+        del capture.n_plus_one[:]
 
 
 @dataclass
@@ -92,7 +329,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo workload until ``duration`` seconds or ``iterations`` pass, or Ctrl-C."""
     import structlog
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from sqlalchemy import create_engine, select, text
     from sqlalchemy.exc import DBAPIError
     from sqlalchemy.orm import Session, joinedload, selectinload
@@ -106,13 +343,14 @@ def run_demo(
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         _install_sqlite_sleep(engine)
+    check_connection(engine)
 
     logger = structlog.wrap_logger(
         _ConsoleLogger(console),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="%H:%M:%S"),
-            structlog.dev.ConsoleRenderer(colors=console.is_terminal),
+            _ShortRenderer(),
         ],
     )
     # The one line an application adds:
@@ -122,9 +360,11 @@ def run_demo(
     if port is not None:
         try:
             server = sqlprobe.start_http_server(port=port, addr=addr)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             probe.detach()
-            raise SystemExit(f"cannot serve /metrics on {addr}:{port}: {exc}") from None
+            engine.dispose()
+            argument = "--addr" if "address" in str(exc) else "--port"
+            raise UsageError(argument, str(exc)) from None
         console.print(f"Serving Prometheus metrics at [bold]{server.url}[/bold]")
 
     if reset:
@@ -177,8 +417,7 @@ def run_demo(
                 session.flush()
                 raise _Cancelled("payment declined")
         except _Cancelled:
-            pass
-        session.rollback()
+            pass  # the savepoint is rolled back; the order's transaction goes on and commits
 
     def failing(session: Session) -> None:
         try:
@@ -194,20 +433,25 @@ def run_demo(
         rolled_back,
     ]
 
+    from .testing import capture
+
     started = time.monotonic()
     done = 0
+    findings = _Findings()
+    recorder = capture(engine)
+    recorder.__enter__()
     try:
         with Progress(
             SpinnerColumn(),
             TextColumn("[bold]sqlprobe demo[/bold]"),
-            BarColumn(),
             TextColumn("{task.completed} iterations · {task.fields[statements]} statements"),
+            TextColumn("{task.fields[found]}"),
             TimeElapsedColumn(),
             console=console,
             transient=False,
         ) as progress:
             total = iterations if iterations is not None else None
-            task = progress.add_task("demo", total=total, statements=0)
+            task = progress.add_task("demo", total=total, statements=0, found="")
             while not stop["now"]:
                 if iterations is not None and done >= iterations:
                     break
@@ -218,21 +462,29 @@ def run_demo(
                         step(session)
                     if done % slow_every == 0:
                         session.execute(slow_sql)  # the deliberately slow query
-                        failing(session)  # and the failing one
+                        failing(session)  # and the failing one (its transaction rolls back)
                         deactivate_idle_users(session, datetime(2026, 1, 1) - timedelta(days=30))
                     session.commit()
                 done += 1
+                findings.take(recorder)
                 progress.update(
                     task,
                     completed=done,
                     statements=sum(s.calls for s in probe.statements()),
+                    found=(
+                        f"· {sum(n for _, n in findings.n_plus_one.values())} N+1 · "
+                        f"{sum(findings.failures.values())} errors"
+                    ),
                 )
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
         elapsed = time.monotonic() - started
+        recorder.__exit__(None, None, None)
+        findings.take(recorder)
         stats = probe.statements()
-        _print_table(console, stats)
+        _print_table(console, stats, findings)
+        _print_findings(console, stats, findings, probe, server, probe.options)
         statements = sum(s.calls for s in stats)
         probe.detach()
         if server is not None:
@@ -245,36 +497,159 @@ class _Cancelled(Exception):
     pass
 
 
-def _print_table(console: Any, stats: Sequence[Any], limit: int = 10) -> None:
+def check_connection(engine: Any) -> None:
+    """Connect once, so that a database that refuses is reported as a ``--url`` error."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        engine.dispose()
+        shown = engine.url.render_as_string(hide_password=True)
+        raise UsageError(
+            "--url", f"cannot connect to {shown}: {type(exc.orig).__name__}: {_first_line(exc)}"
+        ) from None
+
+
+def _print_table(console: Any, stats: Sequence[Any], findings: _Findings, limit: int = 10) -> None:
+    """The top statements by total time; full normalized text, wrapped, never cut."""
     from rich.table import Table
 
-    table = Table(title="Top statements by total time", title_justify="left")
-    table.add_column("calls", justify="right", no_wrap=True, min_width=5)
-    table.add_column("total ms", justify="right", no_wrap=True, min_width=8)
-    table.add_column("mean ms", justify="right", no_wrap=True, min_width=7)
-    table.add_column("rows", justify="right", no_wrap=True, min_width=5)
-    table.add_column("fingerprint", style="dim", no_wrap=True, min_width=16)
-    table.add_column(
-        "statement (normalized)",
-        no_wrap=True,
-        overflow="ellipsis",
-        max_width=max(20, min(90, console.width - 64)),
-    )
-    for s in stats[:limit]:
+    n_plus_one = set(findings.n_plus_one)
+    failing = {fp for fp, _error in findings.failures}
+    table = Table(title="Top statements by total time", title_justify="left", expand=True)
+    table.add_column("calls", justify="right", no_wrap=True)
+    table.add_column("total ms", justify="right", no_wrap=True)
+    table.add_column("mean ms", justify="right", no_wrap=True)
+    table.add_column("statement (normalized)", overflow="fold", ratio=1)
+    # Only what the workload ran (the capture saw it, with its full text): the schema
+    # set-up before it is not what the demo is about.
+    for s in [s for s in stats if s.fingerprint in findings.texts][:limit]:
+        marks = []
+        if s.fingerprint in n_plus_one:
+            marks.append("N+1")
+        if s.fingerprint in failing:
+            marks.append("error")
+        if s.mean_seconds >= 0.1:
+            marks.append("slow")
+        text = findings.texts.get(s.fingerprint, s.statement)
         table.add_row(
             str(s.calls),
             f"{s.total_seconds * 1000:.1f}",
-            f"{s.mean_seconds * 1000:.3f}",
-            str(s.rows),
-            s.fingerprint,
-            s.statement,
+            f"{s.mean_seconds * 1000:.2f}",
+            f"[{', '.join(marks)}] {text}" if marks else text,
         )
-    console.print(table)
+    console.print(table, markup=False)
+
+
+def _print_findings(
+    console: Any,
+    stats: Sequence[Any],
+    findings: _Findings,
+    probe: Any,
+    server: Any,
+    options: Any,
+) -> None:
+    """What the demo found, and what to do next: plain wrapped text, readable when piped."""
+    import textwrap
+
+    from prometheus_client import REGISTRY
+    from rich.rule import Rule
+
+    def say(text: str = "", indent: int = 0) -> None:
+        # Wrapped between words (never inside a name), so a statement is whole when piped.
+        lines = textwrap.wrap(
+            text,
+            width=max(40, console.width),
+            initial_indent=" " * indent,
+            subsequent_indent=" " * indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        for line in lines or [""]:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    name = probe.name or ""
+    threshold = options.slow_query_threshold if options is not None else 0.1
+    console.print(Rule("What sqlprobe found", align="left"))
+    if findings.n_plus_one:
+        for first, count in sorted(findings.n_plus_one.values(), key=lambda v: -v[1]):
+            what = f"the relationship {first.relationship}" if first.relationship else "a query"
+            say(f"N+1: {what}, {count} times in {first.scope!r} (at {first.source})")
+            say(f"statement, run once per parent: {first.statement}", 4)
+            say(f"fix: {first.suggestion}", 4)
+    else:
+        say("N+1: none detected")
+    slow = [s for s in stats if s.mean_seconds >= threshold]
+    for s in slow[:3]:
+        say(
+            f"slow: {s.calls} call(s), mean {s.mean_seconds * 1000:.0f} ms "
+            f"(threshold {threshold * 1000:.0f} ms):"
+        )
+        say(findings.texts.get(s.fingerprint, s.statement), 4)
+    if not slow:
+        say(f"slow: no statement over {threshold * 1000:.0f} ms on average")
+    for (fingerprint, error), count in sorted(findings.failures.items(), key=lambda kv: -kv[1]):
+        say(f"failed: {count} time(s) with {error}:")
+        say(findings.texts.get(fingerprint, fingerprint), 4)
+    if not findings.failures:
+        say("failed: no statement")
+
+    def sample(metric: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(metric, {"engine": name, **labels}) or 0.0
+
+    checkouts = sample("sqlprobe_pool_checkout_wait_seconds_count")
+    waited = sample("sqlprobe_pool_checkout_wait_seconds_sum")
+    timeouts = sample("sqlprobe_pool_checkout_timeouts_total")
+    mean_wait = f", mean wait {waited / checkouts * 1000:.2f} ms" if checkouts else ""
+    say(f"pool: {checkouts:.0f} checkouts{mean_wait}, {timeouts:.0f} timeouts")
+    commits = sample("sqlprobe_transaction_duration_seconds_count", outcome="commit")
+    rollbacks = sample("sqlprobe_transaction_duration_seconds_count", outcome="rollback")
+    say(f"transactions: {commits:.0f} committed, {rollbacks:.0f} rolled back")
+
+    console.print(Rule("Next", align="left"))
+    say("In your application, one line after creating the engine:")
+    say("import sqlprobe; sqlprobe.attach(engine); sqlprobe.start_http_server()", 4)
+    say("or, without changing its code: sqlprobe run -- python app.py")
+    say("Watch a running application: sqlprobe top 127.0.0.1:9464")
+    say("Dashboards and alerts: docker compose up --build in the repository, then open")
+    say("Grafana at http://localhost:3000 (dashboards 'sqlprobe / Queries' and '... pool')", 4)
+    say("Docs: the repository's docs/ (mkdocs serve): configuration, metrics, runbooks")
+    if server is not None:
+        say(f"(this run served its metrics at {server.url})")
+
+
+def _version() -> str:
+    import platform
+
+    import sqlalchemy
+
+    from . import __version__
+
+    return (
+        f"sqlprobe {__version__} (SQLAlchemy {sqlalchemy.__version__}, "
+        f"Python {platform.python_version()})"
+    )
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, importing SQLAlchemy only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        print(_version())
+        parser.exit(0)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sqlprobe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from ._config import env_metrics_addr, env_metrics_port
+
+    parser = _Parser(prog="sqlprobe", description=DESCRIPTION)
+    parser.add_argument("--version", action=_VersionAction)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
         help="run a demo SQLAlchemy application with sqlprobe attached",
@@ -285,27 +660,38 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--url",
-        help=f"database URL (default: an embedded SQLite file, ./{DEFAULT_SQLITE_FILE})",
+        type=_database_url,
+        help=f"database URL (default: an embedded SQLite file, ./{DEFAULT_SQLITE_FILE}; "
+        "with --compare-loading, a temporary one)",
     )
     demo.add_argument(
         "--duration",
-        type=float,
+        type=_duration,
         default=30.0,
+        metavar="SECONDS",
         help="seconds to run (default 30; 0 runs until Ctrl-C or SIGTERM)",
     )
     demo.add_argument(
-        "--iterations", type=int, default=None, help="stop after this many iterations instead"
+        "--iterations",
+        type=_iterations,
+        default=None,
+        metavar="N",
+        help="stop after N iterations instead (N >= 1)",
     )
+    port = env_metrics_port()
     demo.add_argument(
         "--port",
-        type=int,
-        default=int(os.environ.get("SQLPROBE_METRICS_PORT", "9464")),
-        help="port for /metrics (default 9464; 0 picks a free one)",
+        type=_port,
+        default=port,
+        help=f"port for /metrics (default {port}, set by SQLPROBE_METRICS_PORT; "
+        "0 picks a free one)",
     )
+    addr = env_metrics_addr()
     demo.add_argument(
         "--addr",
-        default=os.environ.get("SQLPROBE_METRICS_ADDR", "127.0.0.1"),
-        help="address for /metrics (default 127.0.0.1)",
+        type=_address,
+        default=addr,
+        help=f"address for /metrics (default {addr}, set by SQLPROBE_METRICS_ADDR)",
     )
     demo.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     demo.add_argument(
@@ -313,26 +699,145 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead of the workload, measure each relationship loading strategy",
     )
+    top = sub.add_parser(
+        "top",
+        help="live view of a sqlprobe /metrics endpoint",
+        description=(
+            "Scrape a sqlprobe /metrics endpoint every few seconds and show statements, "
+            "errors and slow statements per second, the statements that take the most time, "
+            "latency percentiles per operation, N+1 detections and the connection pools. "
+            "Ctrl-C quits."
+        ),
+    )
+    top.add_argument(
+        "url",
+        nargs="?",
+        type=_metrics_url,
+        default=DEFAULT_TOP_URL,
+        metavar="URL",
+        help=f"the endpoint (default {DEFAULT_TOP_URL}; HOST:PORT is enough)",
+    )
+    top.add_argument(
+        "--interval",
+        type=_interval,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between scrapes (default 2)",
+    )
+    top.add_argument(
+        "--limit", type=_iterations, default=8, metavar="N", help="statements shown (default 8)"
+    )
+    top.add_argument(
+        "--once",
+        action="store_true",
+        help="print one view (two scrapes an interval apart) and exit; for pipes and scripts",
+    )
+    run = sub.add_parser(
+        "run",
+        help="run a Python program with sqlprobe attached to every engine",
+        usage="sqlprobe run [options] -- COMMAND [ARGS ...]",
+        description=(
+            "Run COMMAND (python, gunicorn, uvicorn, flask, ...) with sqlprobe attached to "
+            "every SQLAlchemy engine it creates and /metrics served, without changing its "
+            "code. SQLPROBE_* variables configure sqlprobe as usual. Pre-fork servers "
+            "(gunicorn, uwsgi, uvicorn --workers) get Prometheus multiprocess mode."
+        ),
+    )
+    run.add_argument(
+        "--port",
+        type=_port,
+        default=port,
+        help=f"port for /metrics (default {port}, set by SQLPROBE_METRICS_PORT; "
+        "0 picks a free one)",
+    )
+    run.add_argument(
+        "--addr",
+        type=_address,
+        default=addr,
+        help=f"address for /metrics (default {addr}, set by SQLPROBE_METRICS_ADDR)",
+    )
+    run.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    run.add_argument(
+        "--multiprocess",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Prometheus multiprocess mode (default: on for gunicorn, uwsgi and uvicorn --workers)",
+    )
+    run.add_argument(
+        "--slow-query-ms",
+        type=_milliseconds,
+        default=None,
+        metavar="MS",
+        help="slow-query threshold in milliseconds (sets SQLPROBE_SLOW_QUERY_MS)",
+    )
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND", help=argparse.SUPPRESS)
     return parser
 
 
+def _setup_logging() -> Callable[[], None]:
+    """Send sqlprobe's warnings to stderr, one line each; returns the undo.
+
+    The command line is an application, so it may say where sqlprobe's own warnings go
+    (the library never does). Undone on return, for callers of :func:`main` in-process.
+    """
+    log = logging.getLogger("sqlprobe")
+    if log.handlers or logging.getLogger().handlers:
+        return lambda: None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sqlprobe: %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+
+    def undo() -> None:
+        log.removeHandler(handler)
+        log.propagate = True
+
+    return undo
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sqlprobe`` console script."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``sqlprobe`` console script; returns the exit status.
+
+    Argument errors exit through argparse (``SystemExit(2)``); errors found later are
+    returned as 2, after one line on stderr.
+    """
+    undo_logging = _setup_logging()
+    try:
+        args = _parser().parse_args(argv)
+        return _run(args)
+    except UsageError as exc:
+        print(f"sqlprobe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        undo_logging()
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run_command(args)
     _need_rich()
     from rich.console import Console
 
     console = Console()
     if args.command == "demo":
-        if args.duration < 0:
-            console.print("--duration must be >= 0")
-            return 2
         if args.compare_loading:
+            from sqlalchemy import create_engine
+
             from . import _loading
 
-            url = args.url or f"sqlite:///{DEFAULT_SQLITE_FILE}"
-            rows = _loading.run_comparison(url)
-            console.print(_loading.render(rows))
+            if args.url is None:
+                # A database of its own, seeded afresh: the demo's file holds another
+                # data set (50 users), and the documented figures are for 200.
+                with tempfile.TemporaryDirectory(prefix="sqlprobe-loading-") as tmp:
+                    url = f"sqlite:///{Path(tmp) / 'loading.db'}"
+                    console.print(_loading.render(_loading.run_comparison(url)))
+                return 0
+            engine = create_engine(args.url)
+            check_connection(engine)
+            engine.dispose()
+            console.print(_loading.render(_loading.run_comparison(args.url)))
             return 0
         result = run_demo(
             args.url,
@@ -347,9 +852,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"in {result.elapsed:.1f} s"
         )
         return 0
+    if args.command == "top":
+        from . import _top
+
+        return _top.run(
+            args.url, interval=args.interval, once=args.once, console=console, limit=args.limit
+        )
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    from . import _run
+
+    command = list(args.argv)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if command[:1] and command[0].startswith("-"):
+        raise UsageError(
+            "COMMAND", f"unknown option {command[0]!r} (options go before --, the command after)"
+        )
+    try:
+        return _run.run(
+            command,
+            serve=not args.no_metrics,
+            addr=args.addr,
+            port=args.port,
+            multiprocess=args.multiprocess,
+            slow_query_ms=args.slow_query_ms,
+        )
+    except _run.RunError as exc:
+        raise UsageError(exc.argument, str(exc)) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
-    with suppress(KeyboardInterrupt):
-        sys.exit(main())
+    sys.exit(main())

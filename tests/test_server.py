@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import re
 import shutil
+import socket
 import ssl
 import subprocess
 import urllib.request
@@ -63,6 +67,86 @@ def test_bad_port_is_refused() -> None:
         sqlprobe.start_http_server(port=70000)
     with pytest.raises(ValueError, match="certfile and keyfile"):
         sqlprobe.start_http_server(port=0, certfile="/nonexistent.pem")
+    with pytest.raises(ValueError, match="addr must be a host name or IP address, got ''"):
+        sqlprobe.start_http_server(port=0, addr="")
+
+
+def test_busy_port_names_address_and_port(registry: CollectorRegistry) -> None:
+    """A port in use raises an OSError naming the address and port, the original as cause."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError) as raised:
+            sqlprobe.start_http_server(port=port, registry=registry)
+    message = str(raised.value)
+    assert message == (
+        f"cannot serve /metrics on 127.0.0.1:{port}: port {port} is already in use "
+        "(choose another port, or 0 for a free one)"
+    )
+    assert raised.value.errno == errno.EADDRINUSE
+    assert isinstance(raised.value.__cause__, OSError)
+    assert raised.value.__cause__.errno == errno.EADDRINUSE
+
+
+@pytest.mark.parametrize(
+    ("addr", "reason"),
+    [
+        ("nosuch.invalid", "address 'nosuch.invalid' does not resolve"),
+        ("192.0.2.1", "address '192.0.2.1' is not an address of this machine"),
+        ("a..b", "address 'a..b' is not a valid host name"),
+    ],
+)
+def test_bad_address_names_it(addr: str, reason: str, registry: CollectorRegistry) -> None:
+    """An address that does not resolve or is not this machine's is named in the error."""
+    with pytest.raises(OSError) as raised:
+        sqlprobe.start_http_server(port=0, addr=addr, registry=registry)
+    assert str(raised.value).startswith(f"cannot serve /metrics on {addr}:0: {reason}")
+    assert raised.value.__cause__ is not None
+
+
+def test_missing_tls_file_is_named(registry: CollectorRegistry, tmp_path: Path) -> None:
+    """A certificate file that cannot be loaded is named, and no socket is left bound."""
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(
+        OSError, match=re.escape(f"cannot load the TLS certificate certfile={str(missing)!r}")
+    ):
+        sqlprobe.start_http_server(
+            port=0, registry=registry, certfile=str(missing), keyfile=str(missing)
+        )
+    cert, key = _self_signed(tmp_path)
+    with pytest.raises(OSError, match="cannot load the client CA client_cafile="):
+        sqlprobe.start_http_server(
+            port=0,
+            registry=registry,
+            certfile=str(cert),
+            keyfile=str(key),
+            client_cafile=str(missing),
+        )
+
+
+def test_bad_port_variable_falls_back(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A malformed SQLPROBE_METRICS_PORT warns and the default port is used, not a crash."""
+    from sqlprobe import _config
+
+    _config._forget_warnings()
+    monkeypatch.setenv("SQLPROBE_METRICS_PORT", "abc")
+    with socket.socket() as probe:
+        free = probe.connect_ex(("127.0.0.1", 9464)) != 0
+    with caplog.at_level(logging.WARNING, logger="sqlprobe"):
+        if free:
+            server = sqlprobe.start_http_server(registry=registry)
+            try:
+                assert server.port == 9464
+            finally:
+                server.close()
+        else:  # someone serves 9464 already: the error must still name the default port
+            with pytest.raises(OSError, match=re.escape("127.0.0.1:9464")):
+                sqlprobe.start_http_server(registry=registry)
+    assert any("SQLPROBE_METRICS_PORT='abc'" in r.getMessage() for r in caplog.records)
+    _config._forget_warnings()
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:

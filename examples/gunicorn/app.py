@@ -12,7 +12,9 @@ Run it (from the repository root)::
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -21,7 +23,11 @@ from sqlalchemy import create_engine, text
 
 import sqlprobe
 
-DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///sqlprobe-gunicorn.db")
+# The default database lives in the temporary directory, not in the working directory
+# (the repository, when run as below), where it would be left behind.
+DATABASE_URL = os.environ.get(
+    "DATABASE_URL", f"sqlite:///{Path(tempfile.gettempdir()) / 'sqlprobe-gunicorn.db'}"
+)
 
 # One engine per worker process: create it after the fork (gunicorn imports this module
 # in each worker unless preload_app is on), and attach sqlprobe to it.
