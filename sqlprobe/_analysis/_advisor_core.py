@@ -18,7 +18,8 @@ What never gets a suggestion:
 
 The connection is the advisor's own (never one of the application's): everything runs
 in one transaction that is rolled back at the end, under a statement time limit when
-``statement_timeout`` is given (PostgreSQL ``SET LOCAL statement_timeout``; MariaDB
+``statement_timeout`` is given (PostgreSQL ``statement_timeout`` for the session, put
+back to its previous value afterwards; MariaDB
 ``max_statement_time`` and MySQL ``max_execution_time`` for the session, reset to the
 server default afterwards; SQLite a progress handler). No real index is ever created.
 """
@@ -41,6 +42,7 @@ from ._advisor_plans import (
     hypopg_available,
     pattern_ops,
     pg_distinct,
+    pg_set,
     prove_mysql,
     prove_postgresql,
     prove_sqlite,
@@ -148,7 +150,9 @@ def _session(connection: Connection, system: str, timeout: float | None) -> Iter
     try:
         if timeout is not None:
             if system == "postgresql":
-                connection.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
+                # A session setting put back afterwards, not SET LOCAL: the connection
+                # may be in autocommit mode, where SET LOCAL does nothing.
+                reset = pg_set(connection, "statement_timeout", f"{int(timeout * 1000)}ms")
             elif getattr(connection.dialect, "is_mariadb", False):
                 connection.exec_driver_sql(f"SET SESSION max_statement_time = {float(timeout)}")
                 reset = "SET SESSION max_statement_time = DEFAULT"
@@ -188,6 +192,7 @@ def analyse(
     schema_cache: SchemaCache | None = None,
     registries: Iterable[Any] | None = None,
     install_hypopg: bool = False,
+    hypopg: bool = True,
     source: str | None = None,
 ) -> Analysis:
     """Index advice for ``statement`` and the reasons a table got none.
@@ -201,7 +206,8 @@ def analyse(
     ``install_hypopg=True`` runs ``CREATE EXTENSION IF NOT EXISTS hypopg`` when the
     extension is available but not created (a schema change, and it needs the
     privilege): off by default, so the advisor changes nothing in the database unless
-    told to.
+    told to. ``hypopg=False`` ignores hypopg even where it is installed (the plan and
+    ``pg_stats`` fallback, ``proven=False``).
     """
     validate_options(
         min_improvement=min_improvement,
@@ -242,8 +248,10 @@ def analyse(
             result.notes.append("placeholders without values cannot be explained on MySQL")
             return result
         default_schema = inspect(connection).default_schema_name
-        hypopg = system == "postgresql" and hypopg_available(connection, install_hypopg)
-        if system == "postgresql" and not hypopg:
+        use_hypopg = (
+            hypopg and system == "postgresql" and hypopg_available(connection, install_hypopg)
+        )
+        if system == "postgresql" and not use_hypopg:
             result.notes.append("hypopg is not installed: suggestions are unproven")
         trials: list[Trial] = []
         for use in reading.tables:
@@ -295,7 +303,7 @@ def analyse(
                 reading,
                 trials,
                 min_improvement=min_improvement,
-                hypopg=hypopg,
+                hypopg=use_hypopg,
                 notes=result.notes,
             )
         elif system == "sqlite":

@@ -46,7 +46,15 @@ from sqlalchemy.engine import Connection
 from ._advisor_schema import TableInfo, quote_table
 from ._advisor_sql import Candidate, Reading, TableUse
 
-__all__ = ["Proof", "Trial", "prove_mysql", "prove_postgresql", "prove_sqlite", "run"]
+__all__ = [
+    "Proof",
+    "Trial",
+    "pg_set",
+    "prove_mysql",
+    "prove_postgresql",
+    "prove_sqlite",
+    "run",
+]
 
 #: Without hypopg, the planner's estimate must keep at most this part of the table.
 FALLBACK_MAX_FRACTION = 0.01
@@ -126,6 +134,13 @@ def _pg_uses_index(plan: dict[str, Any], use: TableUse) -> bool:
     return bool(reads) and all(n.get("Node Type") != "Seq Scan" for n in reads)
 
 
+def pg_set(connection: Connection, name: str, value: str) -> str:
+    """Set a session setting; returns the statement that puts the old value back."""
+    old = connection.execute(text("SELECT current_setting(:n)"), {"n": name}).scalar()
+    connection.execute(text("SELECT set_config(:n, :v, false)"), {"n": name, "v": value})
+    return f"SELECT set_config('{name}', '{str(old).replace(chr(39), chr(39) * 2)}', false)"
+
+
 class _PgExplain:
     """EXPLAIN of one statement: with the driver's parameters, or as a generic plan.
 
@@ -149,8 +164,13 @@ class _PgExplain:
         self.parameters = parameters
         self.reading = reading
         self.generic = parameters is None and reading.placeholders > 0
+        self.reset: str | None = None
         if self.generic:
-            connection.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+            self.reset = pg_set(connection, "plan_cache_mode", "force_generic_plan")
+
+    def close(self) -> None:
+        if self.reset is not None:
+            self.connection.exec_driver_sql(self.reset)
 
     def __call__(self) -> dict[str, Any]:
         if not self.generic:
@@ -259,6 +279,20 @@ def prove_postgresql(
 ) -> list[Proof]:
     """Hypothetical-index costs with hypopg, else the plan and ``pg_stats``."""
     explain = _PgExplain(connection, statement, parameters, reading)
+    try:
+        return _prove_postgresql(explain, connection, trials, min_improvement, hypopg, notes)
+    finally:
+        explain.close()
+
+
+def _prove_postgresql(
+    explain: _PgExplain,
+    connection: Connection,
+    trials: list[Trial],
+    min_improvement: float,
+    hypopg: bool,
+    notes: list[str],
+) -> list[Proof]:
     before = explain()
     cost_before = float(before.get("Total Cost", 0.0))
     out: list[Proof] = []
