@@ -11,10 +11,10 @@ import decimal
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
-from sqlalchemy import ForeignKey, Index, create_engine, text
+from sqlalchemy import ForeignKey, create_engine, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -53,7 +53,7 @@ class AdvOrder(Base):
 
 class AdvInvoice(Base):
     __tablename__ = "adv_invoices"
-    __table_args__ = {"schema": "adv_schema"}
+    __table_args__: ClassVar[dict[str, str]] = {"schema": "adv_schema"}
     id: Mapped[int] = mapped_column(primary_key=True)
     customer: Mapped[int] = mapped_column("customer_id")
 

@@ -281,6 +281,7 @@ def analyse(
                     pattern_ops(connection, info, c) if system == "postgresql" else None
                 ),
                 limit=max_candidates,
+                implicit=info.implicit if system in ("sqlite", "mysql") else frozenset(),
             )
             if not found:
                 result.notes.append(

@@ -51,6 +51,8 @@ class TableInfo:
     rows: float | None = None
     distinct: dict[str, float | None] = field(default_factory=dict)
     collations: dict[str, str | None] = field(default_factory=dict)
+    implicit: frozenset[str] = frozenset()
+    """The primary key columns (secondary indexes of SQLite and InnoDB end with them)."""
 
     def covered(self, columns: tuple[str, ...]) -> bool:
         """Whether an existing index starts with exactly these columns."""
@@ -115,7 +117,7 @@ def _read_table(connection: Connection, schema: str | None, name: str) -> TableI
         partial = index.get("dialect_options", {}).get("postgresql_where")
         if cols and all(c is not None for c in cols) and not partial:
             indexes.append(tuple(c for c in cols if c is not None))
-    return TableInfo(schema, name, columns, indexes)
+    return TableInfo(schema, name, columns, indexes, implicit=frozenset(pk))
 
 
 def is_boolean(info: TableInfo, column: str) -> bool:

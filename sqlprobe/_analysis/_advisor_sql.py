@@ -365,6 +365,7 @@ def candidates(
     covered: Callable[[tuple[str, ...]], bool],
     pattern_ops: Callable[[str], str | None],
     limit: int,
+    implicit: frozenset[str] = frozenset(),
 ) -> list[Candidate]:
     """Indexes worth trying for one table, most specific first, at most ``limit``.
 
@@ -373,18 +374,20 @@ def candidates(
     order a B-tree serves them in. Single-column candidates follow for each equality
     column, the first range or prefix column, each join key, and the ORDER BY column of a
     statement without filters on the table. A candidate whose columns are the leading
-    columns of an existing index (``covered``) is never tried.
+    columns of an existing index (``covered``) is never tried. ``implicit`` names
+    columns every secondary index already ends with (the primary key of a SQLite rowid
+    table or of an InnoDB table): they are never appended.
     """
     eq = [c for c in use.eq if selective(c)]
     tail: tuple[str, str] | None = None
     for kind in ("range", "prefix"):
         for column in getattr(use, kind):
-            if column not in eq and selective(column):
+            if column not in eq and column not in implicit and selective(column):
                 tail = (kind, column)
                 break
         if tail is not None:
             break
-    if tail is None and use.order and use.order[0] not in eq:
+    if tail is None and use.order and use.order[0] not in eq and use.order[0] not in implicit:
         tail = ("order", use.order[0])
     out: list[Candidate] = []
 
