@@ -143,20 +143,26 @@ def _wrap(label: str, value: str) -> list[str]:
 def _print_advice(advice: Any, out: TextIO) -> None:
     if advice.proof == "hypopg" and advice.improvement is not None:
         how = (
-            f"proven (hypopg): cost {advice.cost_before:.1f} -> {advice.cost_after:.1f},"
-            f" {advice.improvement:.0f}x"
+            f"proven with hypopg: cost {advice.cost_before:.1f} -> {advice.cost_after:.1f}"
+            f" ({advice.improvement:.0f}x)"
         )
     elif advice.proven:
-        how = "proven (plan switches from SCAN to SEARCH)"
+        how = "proven: the plan switches from SCAN to SEARCH"
     else:
-        how = f"unproven ({advice.proof})"
-    print(f"{advice.table} ({', '.join(advice.columns)})", file=out)
-    for line in _wrap("", how):
+        how = f"unproven, from the {advice.proof}"
+        if advice.cost_before is not None:
+            how += f" (cost {advice.cost_before:.1f})"
+    print(file=out)
+    for line in textwrap.wrap(
+        f"{advice.table} ({', '.join(advice.columns)}): {how}", width=_WIDTH, subsequent_indent="  "
+    ):
         print(line, file=out)
     for label, value in (
+        ("statement", advice.statement),
         ("ddl", advice.ddl),
         ("alembic", advice.alembic),
         ("model", f"{advice.model}: {advice.model_change}" if advice.model else None),
+        ("source", advice.source),
     ):
         if value:
             for line in _wrap(label, value):
@@ -213,17 +219,15 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                     first = str(getattr(exc, "orig", None) or exc).splitlines()[0]
                     print(f"skipped (database error: {first}): {statement[:60]}", file=out)
                     continue
-                if result.advice:
-                    print(file=out)
-                    for line in _wrap("statement", result.statement):
-                        print(line, file=out)
                 for advice in result.advice:
                     found += 1
                     _print_advice(advice, out)
                 if args.verbose and not result.advice:
-                    print(f"\nno advice: {result.statement[:66]}", file=out)
+                    print(file=out)
+                    for line in _wrap("no advice", result.statement):
+                        print(line.lstrip(), file=out)
                     for note_text in result.notes:
-                        for line in _wrap("-", note_text):
+                        for line in _wrap("why", note_text):
                             print(line, file=out)
         print(f"\n{found} index suggestion(s) for {len(statements)} statement(s).", file=out)
         return 0

@@ -439,3 +439,31 @@ def test_advice_type_is_complete(conn: Connection) -> None:
     assert advice.dialect == "postgresql" and advice.source == "app.py:3 in view"
     assert advice.statement == "SELECT * FROM adv_orders WHERE product_id = ?"
     assert advice.improvement is not None and advice.improvement >= 10
+
+
+def test_advise_cli_on_metrics_uses_generic_plans(corpus: Engine) -> None:
+    """`sqlprobe advise --metrics-url` on PostgreSQL proves ? statements with generic plans."""
+    import io
+
+    from sqlprobe._advise_cli import main
+
+    from .test_advisor_cli import serve
+
+    url, server = serve(
+        [
+            ("f1", "SELECT", "SELECT * FROM adv_orders WHERE adv_orders.product_id = ?", 5.0),
+            ("f2", "SELECT", "SELECT * FROM adv_users WHERE adv_users.name LIKE ?", 4.0),
+            ("f3", "SELECT", "SELECT * FROM adv_items WHERE order_id IN (?::INTEGER)", 3.0),
+        ]
+    )
+    out = io.StringIO()
+    try:
+        assert main(["--url", PG_URL, "--metrics-url", url, "--verbose"], out=out) == 0
+    finally:
+        server.shutdown()  # type: ignore[attr-defined]
+    text = out.getvalue()
+    assert "adv_orders (product_id): proven with hypopg: cost" in text
+    assert "CREATE INDEX CONCURRENTLY ix_adv_orders_product_id ON adv_orders" in text
+    assert "adv_items (order_id): proven with hypopg" in text  # the ?::INTEGER cast
+    assert "2 index suggestion(s) for 3 statement(s)." in text
+    assert all(len(line) <= 80 for line in text.splitlines())

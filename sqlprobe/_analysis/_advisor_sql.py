@@ -115,6 +115,9 @@ def _rename_placeholders(text: str, dialect: str) -> tuple[str, str, list[str | 
         if tok.token_type == TokenType.PLACEHOLDER and tok.text == "?":
             emit(tok.start, tok.end, positional)
             positional += 1
+        elif tok.text == "?::":  # ``?::INTEGER``: sqlglot reads ``?::`` as one operator
+            emit(tok.start, tok.start, positional)
+            positional += 1
         elif (
             tok.token_type == TokenType.MOD
             and nxt is not None
