@@ -47,6 +47,16 @@ def test_every_paramstyle_parses_and_binds_the_like_pattern(
     assert (t.eq, t.prefix) == (["a"], ["b"])
 
 
+def test_sqlalchemy_psycopg_casts_on_placeholders() -> None:
+    """SQLAlchemy's psycopg form ``%(p)s::VARCHAR`` still binds the LIKE pattern."""
+    t = _uses(
+        "SELECT t.id FROM t WHERE t.a = %(a_1)s::INTEGER AND t.b LIKE %(b_1)s::VARCHAR",
+        {"a_1": 1, "b_1": "ab%"},
+        paramstyle="pyformat",
+    )["t"]
+    assert (t.eq, t.prefix) == (["a"], ["b"])
+
+
 def test_leading_wildcard_unknown_pattern_and_escaped_percent() -> None:
     """'%x' and an unbound pattern give no prefix; pyformat's '%%' literal is one '%'."""
     t = _uses(

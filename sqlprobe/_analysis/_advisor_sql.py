@@ -163,7 +163,9 @@ def _rename_placeholders(text: str, dialect: str) -> tuple[str, str, list[str | 
 def _value(
     node: Any, keys: Sequence[str | int], parameters: Any, pyformat: bool
 ) -> tuple[bool, Any]:
-    """(known, value) of a literal or a bound placeholder."""
+    """(known, value) of a literal or a bound placeholder (under casts: ``%(p)s::VARCHAR``)."""
+    while isinstance(node, (exp.Cast, exp.Paren)):
+        node = node.this
     if isinstance(node, exp.Literal):
         value = node.this
         if node.is_string and pyformat:
