@@ -18,7 +18,7 @@ from sqlalchemy import ForeignKey, create_engine, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sqlprobe._analysis._advisor import IndexAdvice, SchemaCache, analyse
+from sqlprobe._analysis._advisor import IndexAdvice, SchemaCache, advise, analyse
 from sqlprobe._analysis._advisor_core import _session
 from sqlprobe._core._fingerprint import analyze
 
@@ -425,7 +425,9 @@ def test_hypothetical_indexes_never_become_real(conn: Connection) -> None:
     """After an analysis, no index was created and no hypothetical index is left."""
     count = "SELECT count(*) FROM pg_indexes WHERE tablename = 'adv_orders'"
     indexes = conn.exec_driver_sql(count).scalar()
-    analyse(conn, "SELECT * FROM adv_orders WHERE product_id = 9")
+    assert [a.columns for a in advise(conn, "SELECT * FROM adv_orders WHERE product_id = 9")] == [
+        ("product_id",)
+    ]
     assert conn.exec_driver_sql(count).scalar() == indexes
     assert conn.execute(text("SELECT count(*) FROM hypopg_list_indexes")).scalar() == 0
 

@@ -393,10 +393,36 @@ def advise(
     connection: Connection,
     statement: str,
     parameters: Any = None,
-    **options: Any,
+    *,
+    dialect_name: str | None = None,
+    min_improvement: float = 10.0,
+    min_rows: int = 1000,
+    min_distinct: int = 10,
+    max_candidates: int = 4,
+    statement_timeout: float | None = None,
+    schema_cache: SchemaCache | None = None,
+    registries: Iterable[Any] | None = None,
+    install_hypopg: bool = False,
+    hypopg: bool = True,
+    source: str | None = None,
 ) -> list[IndexAdvice]:
     """The proven (or, where a database cannot prove, plan-based) indexes for a statement.
 
-    Takes the keyword options of `analyse()`; returns its ``advice``.
+    The options are those of `analyse()`; this returns its ``advice`` only.
     """
-    return analyse(connection, statement, parameters, **options).advice
+    return analyse(
+        connection,
+        statement,
+        parameters,
+        dialect_name=dialect_name,
+        min_improvement=min_improvement,
+        min_rows=min_rows,
+        min_distinct=min_distinct,
+        max_candidates=max_candidates,
+        statement_timeout=statement_timeout,
+        schema_cache=schema_cache,
+        registries=registries,
+        install_hypopg=install_hypopg,
+        hypopg=hypopg,
+        source=source,
+    ).advice
