@@ -215,9 +215,14 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                         schema_cache=cache,
                         install_hypopg=args.install_hypopg,
                     )
-                except SQLAlchemyError as exc:
-                    first = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-                    print(f"skipped (database error: {first}): {statement[:60]}", file=out)
+                except Exception as exc:  # one statement's failure does not end the run
+                    cause = getattr(exc, "orig", None) or exc
+                    first = (str(cause).splitlines() or [""])[0][:60]
+                    print(f"\nskipped ({type(cause).__name__}: {first})", file=out)
+                    for line in _wrap("statement", statement):
+                        print(line, file=out)
+                    if connection.in_transaction():
+                        connection.rollback()
                     continue
                 for advice in result.advice:
                     found += 1

@@ -96,11 +96,13 @@ def test_advise_from_a_file_splits_statements_with_the_tokenizer(
     sql.write_text(
         "SELECT * FROM adv_orders WHERE note = 'a;b' AND user_id = 5;\n"
         "SELECT * FROM adv_orders WHERE id = 3;\n"
+        "SELECT * FROM adv_orders WHERE nosuch(user_id) = 1 AND user_id = 2;\n"
     )
     out = io.StringIO()
     assert main(["--url", db_url, "--file", str(sql), "--verbose"], out=out) == 0
     text = out.getvalue()
-    assert "for 2 statement(s)." in text
+    assert "for 3 statement(s)." in text
+    assert "skipped (OperationalError: no such function: nosuch)" in text
     assert "ix_adv_orders_" in text
     assert "no advice  SELECT * FROM adv_orders WHERE id = ?" in text
 

@@ -469,3 +469,50 @@ def test_advise_cli_on_metrics_uses_generic_plans(corpus: Engine) -> None:
     assert "adv_items (order_id): proven with hypopg" in text  # the ?::INTEGER cast
     assert "2 index suggestion(s) for 3 statement(s)." in text
     assert all(len(line) <= 80 for line in text.splitlines())
+
+
+def test_a_failing_explain_leaves_no_session_state(conn: Connection) -> None:
+    """A statement whose EXPLAIN fails raises; no prepared statement or setting is left."""
+    from sqlalchemy.exc import DBAPIError
+
+    conn.exec_driver_sql(
+        "CREATE FUNCTION adv_fails(int) RETURNS int AS 'SELECT 1 / 0' LANGUAGE sql IMMUTABLE"
+    )
+    try:
+        mode = conn.exec_driver_sql("SHOW plan_cache_mode").scalar()
+        with pytest.raises(DBAPIError):
+            analyse(
+                conn,
+                "SELECT * FROM adv_orders WHERE product_id = ? AND adv_fails(1) = ?",
+                statement_timeout=2.0,
+            )
+        assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == mode
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "0"
+        prepared = "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'sqlprobe%%'"
+        assert conn.exec_driver_sql(prepared).scalar() == 0
+        assert conn.execute(text("SELECT count(*) FROM hypopg_list_indexes")).scalar() == 0
+    finally:
+        conn.exec_driver_sql("DROP FUNCTION adv_fails(int)")
+
+
+def test_worker_on_postgresql_reports_proven_advice(corpus: Engine) -> None:
+    """IndexAdvisor on PostgreSQL: a submitted slow statement comes back as proven advice."""
+    import threading
+
+    from sqlprobe._analysis._advisor import IndexAdvisor
+
+    got: list[IndexAdvice] = []
+    done = threading.Event()
+
+    def on_advice(advice: IndexAdvice) -> None:
+        got.append(advice)
+        done.set()
+
+    advisor = IndexAdvisor(corpus.connect, "postgresql", on_advice=on_advice, contain=print)
+    try:
+        statement = "SELECT * FROM adv_items WHERE adv_items.order_id = %(o)s"
+        assert advisor.submit(statement, {"o": 3}, analyze(statement).fingerprint, "a.py:1")
+        assert done.wait(30)
+    finally:
+        advisor.close()
+    assert [(a.columns, a.proven, a.source) for a in got] == [(("order_id",), True, "a.py:1")]

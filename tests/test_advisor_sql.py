@@ -107,6 +107,7 @@ def test_unqualified_columns_resolve_through_the_schema() -> None:
         ("SELECT 1; SELECT 2", "not one statement"),
         ("SELECT * FROM t WHERE a = 1 FOR UPDATE", "locking"),
         ("SELEC nonsense ((", "could not be parsed"),
+        ("SELECT * FROM t WHERE a IN (" + "1, " * 10_000 + "1)", "longer than"),
     ],
 )
 def test_statements_that_are_not_advised(statement: str, reason: str) -> None:

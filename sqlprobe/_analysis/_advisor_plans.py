@@ -42,6 +42,7 @@ from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from ._advisor_schema import TableInfo, quote_table
 from ._advisor_sql import Candidate, Reading, TableUse
@@ -88,10 +89,12 @@ def run(connection: Connection, sql: str, parameters: Any = None) -> list[Any]:
 
     Without parameters the text goes to ``cursor.execute(sql)`` alone, so a driver with
     a ``format``/``pyformat`` paramstyle does not read the ``%`` of ``LIKE 'a%'`` as a
-    placeholder (SQLAlchemy's ``exec_driver_sql`` always passes parameters).
+    placeholder (SQLAlchemy's ``exec_driver_sql`` always passes parameters). Driver
+    errors are raised as SQLAlchemy's `DBAPIError` subclasses, as ``execute`` would.
     """
     dbapi = connection.connection.dbapi_connection
     assert dbapi is not None
+    error = connection.dialect.loaded_dbapi.Error
     cursor = dbapi.cursor()
     try:
         if parameters is None:
@@ -100,6 +103,8 @@ def run(connection: Connection, sql: str, parameters: Any = None) -> list[Any]:
             cursor.execute(sql, parameters)
         rows = cursor.fetchall() if cursor.description is not None else []
         names = [d[0] for d in cursor.description or ()]
+    except error as exc:  # raised as SQLAlchemy raises driver errors
+        raise DBAPIError.instance(sql, parameters, exc, error) from exc
     finally:
         cursor.close()
     return [dict(zip(names, r, strict=True)) for r in rows]
@@ -164,6 +169,7 @@ class _PgExplain:
         self.parameters = parameters
         self.reading = reading
         self.generic = parameters is None and reading.placeholders > 0
+        self.prepared: set[str] = set()
         self.reset: str | None = None
         if self.generic:
             self.reset = pg_set(connection, "plan_cache_mode", "force_generic_plan")
@@ -172,20 +178,37 @@ class _PgExplain:
         if self.reset is not None:
             self.connection.exec_driver_sql(self.reset)
 
+    def clean_up_after_error(self, hypopg: bool) -> None:
+        """After a failed statement: end the transaction, drop what the session kept.
+
+        Prepared statements, hypothetical indexes and settings are session state that a
+        rollback does not undo; the connection may go back to a pool.
+        """
+        self.connection.rollback()
+        statements = [f"DEALLOCATE {name}" for name in sorted(self.prepared)]
+        if hypopg:
+            statements.append("SELECT hypopg_reset()")
+        if self.reset is not None:
+            statements.append(self.reset)
+        for statement in statements:
+            try:
+                run(self.connection, statement)
+            except Exception:
+                self.connection.rollback()
+        self.prepared.clear()
+
     def __call__(self) -> dict[str, Any]:
         if not self.generic:
             rows = run(self.connection, "EXPLAIN (FORMAT JSON) " + self.statement, self.parameters)
-            raw = next(iter(rows[0].values()))
         else:
             name = f"sqlprobe_advise_{next(_names)}"
-            self.connection.exec_driver_sql(f"PREPARE {name} AS {self.reading.numbered}")
-            try:
-                nulls = ", ".join(["NULL"] * self.reading.placeholders)
-                raw = self.connection.exec_driver_sql(
-                    f"EXPLAIN (FORMAT JSON) EXECUTE {name}({nulls})"
-                ).scalar()
-            finally:
-                self.connection.exec_driver_sql(f"DEALLOCATE {name}")
+            run(self.connection, f"PREPARE {name} AS {self.reading.numbered}")
+            self.prepared.add(name)
+            nulls = ", ".join(["NULL"] * self.reading.placeholders)
+            rows = run(self.connection, f"EXPLAIN (FORMAT JSON) EXECUTE {name}({nulls})")
+            run(self.connection, f"DEALLOCATE {name}")
+            self.prepared.discard(name)
+        raw = next(iter(rows[0].values()))
         full = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
         plan: dict[str, Any] = full[0]["Plan"]
         return plan
@@ -280,9 +303,12 @@ def prove_postgresql(
     """Hypothetical-index costs with hypopg, else the plan and ``pg_stats``."""
     explain = _PgExplain(connection, statement, parameters, reading)
     try:
-        return _prove_postgresql(explain, connection, trials, min_improvement, hypopg, notes)
-    finally:
-        explain.close()
+        proofs = _prove_postgresql(explain, connection, trials, min_improvement, hypopg, notes)
+    except BaseException:
+        explain.clean_up_after_error(hypopg)
+        raise
+    explain.close()
+    return proofs
 
 
 def _prove_postgresql(
@@ -310,14 +336,12 @@ def _prove_postgresql(
             continue
         kept: list[tuple[float, Candidate]] = []
         for candidate in trial.candidates:
-            try:
-                name = connection.execute(
-                    text("SELECT indexname FROM hypopg_create_index(:ddl)"),
-                    {"ddl": _hypothetical_ddl(connection, trial.info, candidate)},
-                ).scalar()
-                after = explain()
-            finally:
-                connection.exec_driver_sql("SELECT hypopg_reset()")
+            name = connection.execute(
+                text("SELECT indexname FROM hypopg_create_index(:ddl)"),
+                {"ddl": _hypothetical_ddl(connection, trial.info, candidate)},
+            ).scalar()
+            after = explain()
+            connection.exec_driver_sql("SELECT hypopg_reset()")
             used = any(n.get("Index Name") == name for n in _nodes(after))
             cost = float(after.get("Total Cost", cost_before))
             if used and cost > 0 and cost_before / cost >= min_improvement:

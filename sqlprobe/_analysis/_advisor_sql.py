@@ -38,6 +38,8 @@ __all__ = ["Candidate", "Reading", "TableUse", "candidates", "read_statement", "
 
 _DIALECTS = {"postgresql": "postgres", "sqlite": "sqlite", "mysql": "mysql", "mariadb": "mysql"}
 _MARK = "sqlprobe_p"
+#: Longer statements are not parsed (parsing cost grows with length).
+MAX_STATEMENT = 20_000
 _RANGE = (exp.GT, exp.GTE, exp.LT, exp.LTE)
 
 
@@ -324,6 +326,8 @@ def read_statement(
     unqualified column when a scope has several tables.
     """
     dialect = sqlglot_dialect(dialect_name)
+    if len(statement) > MAX_STATEMENT:
+        return Reading([], 0, statement, f"longer than {MAX_STATEMENT} characters")
     if dialect is None:
         return Reading([], 0, statement, f"index advice is not supported on {dialect_name}")
     try:
