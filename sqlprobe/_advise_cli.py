@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--install-hypopg",
         action="store_true",
-        help="CREATE EXTENSION hypopg when it is available but not created",
+        help="CREATE EXTENSION hypopg for each analysis (rolled back afterwards)",
     )
     parser.add_argument("--verbose", action="store_true", help="say why a statement got none")
     return parser

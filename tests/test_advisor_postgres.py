@@ -513,3 +513,34 @@ def test_worker_on_postgresql_reports_proven_advice(corpus: Engine) -> None:
     finally:
         advisor.close()
     assert [(a.columns, a.proven, a.source) for a in got] == [(("order_id",), True, "a.py:1")]
+
+
+def test_install_hypopg_uses_the_extension_and_leaves_nothing(corpus: Engine) -> None:
+    """Without the extension: unproven advice; install_hypopg=True proves it, nothing remains."""
+    from sqlalchemy.engine import make_url
+
+    with corpus.connect() as admin:
+        admin.exec_driver_sql("DROP DATABASE IF EXISTS adv_nohypo")
+        admin.exec_driver_sql("CREATE DATABASE adv_nohypo")
+    engine = create_engine(make_url(PG_URL).set(database="adv_nohypo"))
+    try:
+        with engine.begin() as c:
+            c.exec_driver_sql("CREATE TABLE adv_t (id serial PRIMARY KEY, k int NOT NULL)")
+            c.exec_driver_sql(
+                "INSERT INTO adv_t (k) SELECT mod(i * 7, 20011) FROM generate_series(1, 50000) i"
+            )
+            c.exec_driver_sql("ANALYZE adv_t")
+        statement = "SELECT * FROM adv_t WHERE k = 5"
+        with engine.connect() as c:
+            (plain,) = analyse(c, statement).advice
+            assert (plain.columns, plain.proven, plain.proof) == (("k",), False, "statistics")
+            result = analyse(c, statement)
+            assert any("hypopg is not installed" in note for note in result.notes)
+            (proven,) = analyse(c, statement, install_hypopg=True).advice
+            assert (proven.columns, proven.proven, proven.proof) == (("k",), True, "hypopg")
+            installed = "SELECT count(*) FROM pg_extension WHERE extname = 'hypopg'"
+            assert c.exec_driver_sql(installed).scalar() == 0
+    finally:
+        engine.dispose()
+        with corpus.connect() as admin:
+            admin.exec_driver_sql("DROP DATABASE IF EXISTS adv_nohypo")

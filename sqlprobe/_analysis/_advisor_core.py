@@ -204,9 +204,13 @@ def analyse(
     on values; MySQL/MariaDB cannot plan it and give no advice).
 
     ``install_hypopg=True`` runs ``CREATE EXTENSION IF NOT EXISTS hypopg`` when the
-    extension is available but not created (a schema change, and it needs the
-    privilege): off by default, so the advisor changes nothing in the database unless
-    told to. ``hypopg=False`` ignores hypopg even where it is installed (the plan and
+    extension is not created in the database. It runs inside the advisor's transaction,
+    which is rolled back, so nothing remains afterwards; it needs the privilege to
+    create extensions (a superuser, or a trusted-extension setup) and the server
+    package installed. Off by default: without it the advisor runs nothing but reads,
+    EXPLAIN and hypothetical indexes.
+
+    ``hypopg=False`` ignores hypopg even where it is installed (the plan and
     ``pg_stats`` fallback, ``proven=False``).
     """
     validate_options(

@@ -215,7 +215,12 @@ class _PgExplain:
 
 
 def hypopg_available(connection: Connection, install: bool) -> bool:
-    """Whether hypopg is usable; with ``install``, try ``CREATE EXTENSION`` first."""
+    """Whether hypopg is usable; with ``install``, try ``CREATE EXTENSION`` first.
+
+    The extension is created in a savepoint of the advisor's transaction, which is
+    rolled back at the end of the analysis: hypopg is usable for this analysis only and
+    nothing is left in the database.
+    """
     have = connection.exec_driver_sql(
         "SELECT 1 FROM pg_extension WHERE extname = 'hypopg'"
     ).scalar()
