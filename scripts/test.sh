@@ -14,7 +14,7 @@ need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
 # hypopg (hypothetical indexes) for the index advisor's tests, for the installed server.
-pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)
+pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1 || true)
 if [ -n "$pg_major" ] && [ ! -f "/usr/share/postgresql/$pg_major/extension/hypopg.control" ]; then
   need_apt+=("postgresql-$pg_major-hypopg")
 fi
