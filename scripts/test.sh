@@ -14,6 +14,11 @@ need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
 command -v tmux >/dev/null || need_apt+=(tmux)  # `sqlprobe top` is tested in a terminal
+# hypopg (hypothetical indexes) for the index advisor's tests, for the installed server.
+pg_major=$(ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1 || true)
+if [ -n "$pg_major" ] && [ ! -f "/usr/share/postgresql/$pg_major/extension/hypopg.control" ]; then
+  need_apt+=("postgresql-$pg_major-hypopg")
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
