@@ -92,9 +92,19 @@ import sys
 import psycopg
 from psycopg import sql
 
+import time
+
 host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-with psycopg.connect(host=host, port=port, user="postgres", dbname="postgres",
-                     autocommit=True) as conn:
+for attempt in range(120):  # a shared server may be restarting: wait up to 2 minutes
+    try:
+        conn = psycopg.connect(host=host, port=port, user="postgres", dbname="postgres",
+                               autocommit=True)
+        break
+    except psycopg.OperationalError:
+        if attempt == 119:
+            raise
+        time.sleep(1)
+with conn:
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 with psycopg.connect(host=host, port=port, user="postgres", dbname=name,
