@@ -110,6 +110,7 @@ class Options:
     max_fingerprints: int
     sqlcommenter: SqlcommenterMode
     explain: bool
+    index_advice: bool
     buckets: tuple[float, ...]
 
 
@@ -430,5 +431,6 @@ def build_options(kwargs: Mapping[str, Any], environ: Mapping[str, str] | None =
         ),
         sqlcommenter=_check_sqlcommenter(kwargs.get("sqlcommenter", False)),
         explain=_check_bool("explain", kwargs.get("explain", False)),
+        index_advice=_check_bool("index_advice", kwargs.get("index_advice", False)),
         buckets=_check_buckets(kwargs.get("buckets", DEFAULT_BUCKETS)),
     )

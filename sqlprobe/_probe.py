@@ -306,6 +306,13 @@ class Probe:
                 capture_parameters=options.capture_parameters,
                 explainer=explainer,
             )
+            slow_sinks: tuple[Any, ...] = (slowlog,)
+            if options.index_advice:
+                advice = _index_advice(ctx, sync, pool, series, logger)
+                undo.append(advice.close)
+                _state.at_exit(advice)
+                slow_sinks = (slowlog, advice)
+                slowlog.advice_for = advice.known
 
             unit = None
             if options.n_plus_one_threshold > 0:
@@ -327,7 +334,7 @@ class Probe:
                 slow_query_threshold=options.slow_query_threshold,
                 trace=otel.trace,
                 unit=unit,
-                slow_sinks=(slowlog,),
+                slow_sinks=slow_sinks,
             )
             comment = _sqlcommenter.build(
                 options.sqlcommenter,
@@ -386,7 +393,11 @@ class Probe:
             try:
                 _state.run_deferred()
                 with _state.lock:
-                    if probe._attached and engine not in _state.probes:
+                    if (
+                        probe._attached
+                        and engine not in _state.probes
+                        and not _state.internal_engine.get()
+                    ):
                         child = Probe(engine, probe._options)
                         child._implicit = True
                         child._attach_engine(engine)
@@ -408,6 +419,54 @@ class Probe:
 
         self._undo.append(restore)
         self._attached = True
+
+
+def _index_advice(
+    ctx: AttachContext, sync: Engine, pool: PoolHooks, series: Any, logger: Any
+) -> Any:
+    """The index advisor of one engine, fed by slow SELECTs, reporting to log and metrics.
+
+    Its connections come from a private NullPool engine whose DBAPI connections are
+    opened like the application's (:meth:`PoolHooks.side_connection`): never the
+    application's pool, never attached by ``attach()`` for all engines.
+    """
+    try:
+        from ._analysis._advisor import AdviceSink, IndexAdvisor
+    except ImportError as exc:  # sqlglot is an optional extra
+        raise ValueError(
+            f"index_advice=True needs the advice extra: pip install 'sqlprobe[advice]' ({exc})"
+        ) from None
+    if getattr(sync.dialect, "is_async", False):
+        raise ValueError("index_advice=True is not supported on asyncio engines yet")
+    side: list[Engine] = []
+
+    def connect() -> Any:
+        if not side:
+            from sqlalchemy import create_engine
+            from sqlalchemy.pool import NullPool
+
+            token = _state.internal_engine.set(True)
+            try:
+                side.append(
+                    create_engine(sync.url, creator=pool.side_connection, poolclass=NullPool)
+                )
+            finally:
+                _state.internal_engine.reset(token)
+        return side[0].connect()
+
+    def close_side() -> None:
+        for engine in side:
+            engine.dispose()
+
+    return AdviceSink(
+        lambda on_advice: IndexAdvisor(
+            connect, sync.dialect.name, on_advice=on_advice, contain=ctx.contain
+        ),
+        engine=ctx.info.name,
+        logger=logger,
+        metric=series.advised,
+        on_close=close_side,
+    )
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:
@@ -467,6 +526,7 @@ def attach(
     max_fingerprints: int = 500,
     sqlcommenter: bool | str = False,
     explain: bool = False,
+    index_advice: bool = False,
     buckets: Sequence[float] | None = None,
 ) -> Probe:
     """Attach sqlprobe to an engine and return the :class:`Probe` that owns it.
@@ -478,6 +538,10 @@ def attach(
     ``attach()`` without an engine: then the explicit call's options replace those.
     Options are validated here: a bad value raises ``ValueError`` saying which option
     and why.
+
+    ``index_advice=True`` (needs the ``advice`` extra) analyses slow SELECT shapes on a
+    worker thread and suggests the index that would serve each, proven against the
+    planner where the database allows (see the index advice documentation).
 
     ``slow_query_threshold`` and ``capture_parameters`` default to the
     ``SQLPROBE_SLOW_QUERY_MS`` and ``SQLPROBE_CAPTURE_PARAMETERS`` environment
@@ -494,6 +558,7 @@ def attach(
         "max_fingerprints": max_fingerprints,
         "sqlcommenter": sqlcommenter,
         "explain": explain,
+        "index_advice": index_advice,
     }
     if slow_query_threshold is not None:
         kwargs["slow_query_threshold"] = slow_query_threshold

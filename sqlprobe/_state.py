@@ -26,6 +26,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -45,6 +46,7 @@ __all__ = [
     "detection_listeners",
     "exporter_for",
     "global_probe",
+    "internal_engine",
     "lock",
     "on_fork",
     "probes",
@@ -63,6 +65,10 @@ probes: weakref.WeakKeyDictionary[Any, Probe] = weakref.WeakKeyDictionary()
 
 #: The probe of ``attach()`` without an engine, while attached (at most one).
 global_probe: list[Probe] = []
+
+#: True while sqlprobe creates an engine of its own (the index advisor's): ``attach()``
+#: for all engines leaves that one alone.
+internal_engine: ContextVar[bool] = ContextVar("sqlprobe_internal_engine", default=False)
 
 # -- deferred clean-ups ---------------------------------------------------------------
 

@@ -732,6 +732,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one view (two scrapes an interval apart) and exit; for pipes and scripts",
     )
+    # Parsed by sqlprobe._advise_cli (main() hands it the rest of the line); listed here
+    # so that `sqlprobe --help` names it.
+    sub.add_parser(
+        "advise",
+        help="suggest indexes for the statements of a running process or a SQL file",
+        add_help=False,
+    )
     run = sub.add_parser(
         "run",
         help="run a Python program with sqlprobe attached to every engine",
@@ -801,9 +808,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Argument errors exit through argparse (``SystemExit(2)``); errors found later are
     returned as 2, after one line on stderr.
     """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["advise"]:
+        from ._advise_cli import main as advise
+
+        return advise(arguments[1:])
     undo_logging = _setup_logging()
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_args(arguments)
         return _run(args)
     except UsageError as exc:
         print(f"sqlprobe {args.command}: error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import time
 from typing import Any
 
 import structlog
@@ -74,8 +75,36 @@ def run(registry: Any, directory: str) -> list[Any]:
     with contextlib.suppress(exc.TimeoutError):
         tight.connect()
     held.close()
+    # Index advice: a slow SELECT on an unindexed column of a 3,000-row table.
+    advised = create_engine(f"sqlite:///{directory}/advised.db")
+    with advised.begin() as conn:
+        conn.execute(text("CREATE TABLE big (id INTEGER PRIMARY KEY, k INTEGER, v TEXT)"))
+        conn.execute(
+            text("INSERT INTO big (id, k, v) VALUES (:i, :i, 'x')"),
+            [{"i": i} for i in range(3000)],
+        )
+    advised_probe = sqlprobe.attach(
+        advised, name="advised", registry=registry, logger=quiet, slow_query_threshold=0,
+        index_advice=True,
+    )  # fmt: skip
+    with advised.connect() as conn:
+        conn.execute(text("SELECT v FROM big WHERE k = :k"), {"k": 7}).all()
+    deadline = time.monotonic() + 30
+    while not any(
+        s.name == "sqlprobe_index_advice_info" and s.labels.get("engine") == "advised"
+        for m in registry.collect()
+        for s in m.samples
+    ) and not _multiprocess_advised(advised_probe):
+        if time.monotonic() > deadline:
+            raise RuntimeError("no index advice within 30 s")
+        time.sleep(0.05)
     assert probe.attached and broken_probe.attached and tight_probe.attached
-    return [engine, broken, tight]
+    return [engine, broken, tight, advised]
+
+
+def _multiprocess_advised(probe: Any) -> bool:
+    """In multiprocess mode nothing is registered: read the probe's own series."""
+    return bool(getattr(probe, "_series", None) and probe._series.advice)
 
 
 def _drop(logger: Any, method: str, event: Any) -> Any:

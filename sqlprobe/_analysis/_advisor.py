@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -35,6 +36,8 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from .._core._frames import SourceFinder
+from .._core._records import StatementRecord
 from ._advisor_core import Analysis, IndexAdvice, advise, analyse, validate_options
 from ._advisor_schema import SchemaCache
 
@@ -256,3 +259,93 @@ class IndexAdvisor:
             )
         finally:
             connection.close()
+
+
+#: Advice kept per engine for the ``slow_query`` events of its shape.
+MAX_KNOWN_ADVICE = 1000
+
+
+class AdviceSink:
+    """The index advisor as a slow-only record sink: slow SELECTs in, advice out.
+
+    Each new slow SELECT shape is handed to the :class:`IndexAdvisor` once (with the
+    application line that ran it); each suggestion the worker proves is logged as one
+    ``index_advice`` warning, counted by ``metric(table, columns, proven)`` and kept
+    (bounded) so later ``slow_query`` events of the shape carry it. Nothing here runs
+    for a statement under the slow-query threshold.
+    """
+
+    stage = "index_advice"
+
+    def __init__(
+        self,
+        make_advisor: Callable[[Callable[[IndexAdvice], None]], IndexAdvisor],
+        *,
+        engine: str,
+        logger: Any,
+        metric: Callable[[str, str, bool], None],
+        on_close: Callable[[], None],
+    ) -> None:
+        self.engine = engine
+        self.logger = logger
+        self.metric = metric
+        self._on_close = on_close
+        self._lock = threading.Lock()
+        self._known: dict[str, dict[str, Any]] = {}
+        self._submitted: set[str] = set()
+        self._finder = SourceFinder()
+        self.advisor = make_advisor(self._on_advice)
+
+    def on_statement(self, record: StatementRecord) -> None:
+        shape = record.shape
+        if shape.operation != "SELECT" or record.error is not None or record.batch_size:
+            return
+        fingerprint = shape.fingerprint
+        if fingerprint in self._submitted or len(self._submitted) >= MAX_KNOWN_ADVICE:
+            return
+        self._submitted.add(fingerprint)
+        source = self._finder.source(sys._getframe(1)) or None
+        self.advisor.submit(record.statement, record.parameters, fingerprint, source)
+
+    def _on_advice(self, advice: IndexAdvice) -> None:
+        columns = ",".join(advice.columns)
+        summary = {
+            "table": advice.table,
+            "columns": list(advice.columns),
+            "ddl": advice.ddl,
+            "model": advice.model,
+            "proven": advice.proven,
+        }
+        with self._lock:
+            if len(self._known) < MAX_KNOWN_ADVICE:
+                self._known.setdefault(advice.fingerprint, summary)
+        self.metric(advice.table, columns, advice.proven)
+        self.logger.warning(
+            "index_advice",
+            engine=self.engine,
+            fingerprint=advice.fingerprint,
+            statement=advice.statement,
+            table=advice.table,
+            columns=list(advice.columns),
+            ddl=advice.ddl,
+            model=advice.model_change or advice.model,
+            alembic=advice.alembic,
+            cost_before=advice.cost_before,
+            cost_after=advice.cost_after,
+            proven=advice.proven,
+            source=advice.source or "",
+        )
+
+    def known(self, fingerprint: str) -> dict[str, Any] | None:
+        """The advice found for a shape so far, for its ``slow_query`` events."""
+        return self._known.get(fingerprint)
+
+    def close(self) -> None:
+        """Stop the worker (what it is analysing finishes) and release its engine."""
+        try:
+            self.advisor.close()
+        finally:
+            self._on_close()
+
+    def at_exit(self) -> None:
+        self.close()

@@ -112,6 +112,9 @@ FAMILIES: tuple[Family, ...] = (
        "New DBAPI connections that failed (the database refused or was unreachable)."),
     _h("sqlprobe_transaction_duration_seconds", (*E, "outcome"),
        "Begin to end of a transaction, by outcome (commit, rollback).", "pool"),
+    _g("sqlprobe_index_advice_info", (*E, "table", "columns", "proven"),
+       "An index the advisor suggests (index_advice=True); proven: checked by the planner.",
+       "max"),
     _c("sqlprobe_internal_errors", ("stage",), "Failures inside sqlprobe that were contained."),
 )  # fmt: skip
 

@@ -187,6 +187,12 @@ class MultiprocessSeries(EngineSeries):
                 key = (OTHER, "")
         self.metrics.get("sqlprobe_n_plus_one").labels(self.name, *key).inc()
 
+    def advised(self, table: str, columns: str, proven: bool) -> None:
+        super().advised(table, columns, proven)
+        key = (table, columns, "true" if proven else "false")
+        if key in self.advice:
+            self.metrics.get("sqlprobe_index_advice_info").labels(self.name, *key).set(1)
+
     # -- pool: written per event, gauges refreshed from the pools' own state --------
 
     def _gauges(self, returning: bool = False) -> None:

@@ -196,6 +196,8 @@ class EngineSeries:
         self.errors: dict[tuple[str, str], int] = {}
         self.error_classes: set[str] = set()
         self.n_plus_one: dict[tuple[str, str], int] = {}
+        #: (table, columns, proven) of the index advice found (bounded)
+        self.advice: set[tuple[str, str, str]] = set()
         for op in PRESET_OPERATIONS:
             self.ops[op] = self._new_op(op)
         pool = buckets_for(BY_NAME["sqlprobe_pool_checkout_wait_seconds"], buckets)
@@ -316,6 +318,15 @@ class EngineSeries:
                 key = (OTHER, "")
             self.n_plus_one[key] = self.n_plus_one.get(key, 0) + 1
 
+    # -- index advice ---------------------------------------------------------------------
+
+    def advised(self, table: str, columns: str, proven: bool) -> None:
+        """Export one suggested index (at most ``max_fingerprints`` per engine)."""
+        key = (table, columns, "true" if proven else "false")
+        with self.lock:
+            if key not in self.advice and len(self.advice) < self.max_fingerprints:
+                self.advice.add(key)
+
     # -- pool sink ----------------------------------------------------------------------
 
     def checkout(self, seconds: float) -> None:
@@ -424,6 +435,7 @@ class EngineSeries:
             hists = [(op, s.hist.samples(), s.slow) for op, s in self.ops.items()]
             errors = list(self.errors.items())
             n_plus_one = list(self.n_plus_one.items())
+            advice = sorted(self.advice)
             pool_hists = [
                 ("sqlprobe_pool_checkout_wait_seconds", self.wait.samples()),
                 ("sqlprobe_pool_connection_use_seconds", self.use.samples()),
@@ -460,6 +472,10 @@ class EngineSeries:
         family = fams.get("sqlprobe_n_plus_one")
         for (fingerprint, relationship), n in n_plus_one:
             family.add_metric([engine, fingerprint, relationship], n)
+
+        family = fams.get("sqlprobe_index_advice_info")
+        for table, columns, proven in advice:
+            family.add_metric([engine, table, columns, proven], 1)
 
         for name, (buckets, _count, total) in pool_hists:
             fams.get(name).add_metric([engine], buckets, total)

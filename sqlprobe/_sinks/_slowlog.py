@@ -206,6 +206,9 @@ class SlowQueryLog:
         self.current_span = _span_getter()
         #: The EXPLAIN worker (``submit(record, event)``), or None (``explain=False``).
         self.explainer = explainer
+        #: ``advice_for(fingerprint)``: the index advice known for a shape, or None
+        #: (set when ``index_advice=True``); it becomes the event's ``index_advice``.
+        self.advice_for: Any = None
 
     def on_statement(self, record: StatementRecord) -> None:
         suppressed = self.limiter.admit(record.shape.fingerprint)
@@ -213,6 +216,10 @@ class SlowQueryLog:
             return
         event = self.event(record, sys._getframe(1))
         event["suppressed"] = suppressed
+        if self.advice_for is not None:
+            advice = self.advice_for(record.shape.fingerprint)
+            if advice is not None:
+                event["index_advice"] = advice
         if record.error is not None:
             event["error"] = type(record.error).__name__
         explainer = self.explainer
