@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._core._scope import Scope, scope
     from ._probe import EngineInfo, Probe, StatementStats, attach
-    from ._server import MetricsServer, start_http_server
+    from ._server import MetricsServer, MetricsServerError, start_http_server
 
 __all__ = [
     "EngineInfo",
     "MetricsServer",
+    "MetricsServerError",
     "Probe",
     "Scope",
     "StatementStats",
@@ -47,6 +48,7 @@ _EXPORTS = {
     "Scope": "._core._scope",
     "scope": "._core._scope",
     "MetricsServer": "._server",
+    "MetricsServerError": "._server",
     "start_http_server": "._server",
 }
 
