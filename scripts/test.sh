@@ -65,8 +65,12 @@ set -e
 [ $rc -eq 5 ] && { echo "pytest collected no tests"; exit 1; }
 [ $rc -ne 0 ] && exit $rc
 
-# Opt-in until sqlprobe passes it (docs/reliability.md): fails when a test fails only attached.
-if [ "${SQLPROBE_SA_SUITE:-0}" = 1 ]; then
+# SQLAlchemy's own engine and sql tests, bare and with sqlprobe attached to every engine
+# (docs/reliability.md): fails when a test fails only attached. Runs with the whole suite
+# (no pytest arguments); SQLPROBE_SA_SUITE=0 skips it, =1 forces it.
+sa_suite=${SQLPROBE_SA_SUITE:-}
+[ -z "$sa_suite" ] && { [ $# -eq 0 ] && sa_suite=1 || sa_suite=0; }
+if [ "$sa_suite" = 1 ]; then
   log "SQLAlchemy's own tests, bare and attached (scripts/sqlalchemy-suite.sh --subset ci)"
   scripts/sqlalchemy-suite.sh --subset ci
 fi
