@@ -24,7 +24,6 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import structlog
 from sqlalchemy.engine import URL, Engine
 
 from . import _state
@@ -104,6 +103,10 @@ class _DefaultLogger:
         self._stdlib = logging.getLogger("sqlprobe")
 
     def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        # Imported here: structlog imports greenlet, which an application that only
+        # imports SQLAlchemy must not find imported (SQLAlchemy's own tests check).
+        import structlog
+
         if structlog.is_configured():
             getattr(structlog.get_logger("sqlprobe"), logging.getLevelName(level).lower())(
                 event, **fields

@@ -217,3 +217,59 @@ def test_engine_info_has_no_credentials(registry: CollectorRegistry) -> None:
         assert "s3cret" not in repr(info) and "alice" not in repr(info)
     finally:
         probe.detach()
+
+
+def test_internal_error_event_names_the_class_and_the_place_only() -> None:
+    """A contained failure logs its stage, engine, class and file:line, once per minute."""
+    from structlog.testing import LogCapture
+
+    from sqlprobe._core._contain import Containment
+
+    from .conftest import make_logger
+
+    logs = LogCapture()
+    counted: list[str] = []
+    now = [0.0]
+    contain = Containment("pins", counted.append, make_logger(logs))
+    contain.limiter.clock = lambda: now[0]
+
+    def fail() -> None:
+        raise KeyError("secret-value")
+
+    for _ in range(3):
+        try:
+            fail()
+        except KeyError:
+            contain("stage-a")
+    now[0] = 61.0
+    try:
+        fail()
+    except KeyError:
+        contain("stage-a")
+    assert counted == ["stage-a"] * 4
+    events = [e for e in logs.entries if e["event"] == "internal_error"]
+    assert len(events) == 2
+    line = fail.__code__.co_firstlineno + 1
+    assert events[0] == {
+        "event": "internal_error",
+        "level": "error",
+        "log_level": "error",
+        "stage": "stage-a",
+        "engine": "pins",
+        "error": "KeyError",
+        "where": f"test_pins.py:{line} in fail",
+    }
+    assert "secret-value" not in repr(events)
+
+
+def test_rate_limiter_keeps_at_most_max_keys_evicting_the_least_recent() -> None:
+    """Beyond max_keys the key seen least recently is forgotten (with its count)."""
+    limiter = RateLimiter(per_key=1, total=10_000, interval=60.0, max_keys=3, clock=lambda: 0.0)
+    for key in "abc":
+        assert limiter.admit(key) == 0
+    assert limiter.admit("a") is None  # a is now the most recent
+    assert limiter.admit("d") == 0  # evicts b
+    assert len(limiter) == 3
+    assert limiter.admit("b") == 0  # forgotten, so admitted again (evicts c)
+    assert limiter.admit("a") is None  # still remembered
+    assert RateLimiter().max_keys == 1000

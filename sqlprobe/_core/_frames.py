@@ -31,7 +31,6 @@ application frame, the walk continues in its parent's suspended stack.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import sysconfig
@@ -124,11 +123,9 @@ class SourceFinder:
         self._stdlib, self._site_markers = _stdlib_dirs()
         self._cache: dict[str, bool] = {}
         self._lock = threading.Lock()
-        self._getcurrent: Callable[[], Any] | None
-        try:
-            self._getcurrent = importlib.import_module("greenlet").getcurrent
-        except ImportError:  # pragma: no cover - greenlet ships with SQLAlchemy's asyncio
-            self._getcurrent = None
+        # greenlet is looked up when a source is wanted, and only if something already
+        # imported it (SQLAlchemy's asyncio support does): sqlprobe must not import it.
+        self._getcurrent: Callable[[], Any] | None = None
 
     def is_library(self, frame: FrameType) -> bool:
         """Whether ``frame`` belongs to sqlprobe, SQLAlchemy, the stdlib or a driver."""
@@ -161,6 +158,10 @@ class SourceFinder:
 
     def application_frame(self, frame: FrameType | None) -> FrameType | None:
         """The first application frame from ``frame`` outwards, crossing greenlets."""
+        if self._getcurrent is None:
+            module = sys.modules.get("greenlet")
+            if module is not None:
+                self._getcurrent = module.getcurrent
         greenlet = self._getcurrent() if self._getcurrent is not None else None
         hops = 0
         while True:
