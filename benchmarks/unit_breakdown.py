@@ -44,7 +44,6 @@ import statistics
 import sys
 import tempfile
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -64,15 +63,15 @@ QUIET = structlog.wrap_logger(structlog.ReturnLogger())
 
 
 def _attach(engine: Engine, *, otel: bool = True, **options: Any) -> sqlprobe.Probe:
-    from sqlprobe import _otel
+    from sqlprobe._sinks import _otel
 
-    original = _otel.install
+    original = _otel.build
     if not otel:
-        _otel.install = lambda probe: None
+        _otel.build = lambda ctx, **kw: _otel.OtelParts(None, None, lambda: None)  # type: ignore[assignment]
     try:
         return sqlprobe.attach(engine, registry=CollectorRegistry(), logger=QUIET, **options)
     finally:
-        _otel.install = original
+        _otel.build = original  # type: ignore[assignment]
 
 
 def _no_connect_wrapper(engine: Engine, probe: sqlprobe.Probe) -> None:
@@ -80,12 +79,15 @@ def _no_connect_wrapper(engine: Engine, probe: sqlprobe.Probe) -> None:
 
 
 def _no_checkin(engine: Engine, probe: sqlprobe.Probe) -> None:
-    for held, name, fn in probe._listeners:
-        target = held() if isinstance(held, weakref.ref) else held
-        if name == "checkin":
-            event.remove(target, name, fn)
+    # Check-ins are seen through a wrapper of the pool's _return_conn (or, on a
+    # SQLAlchemy without it, the checkin event).
+    if vars(engine.pool).pop("_return_conn", None) is not None:
+        return
+    for fn in list(engine.pool.dispatch.checkin):
+        if "PoolHooks" in getattr(fn, "__qualname__", ""):
+            event.remove(engine, "checkin", fn)
             return
-    raise RuntimeError("no checkin listener")
+    raise RuntimeError("no check-in hook")
 
 
 def _no_transaction_wrappers(engine: Engine, probe: sqlprobe.Probe) -> None:
@@ -94,14 +96,25 @@ def _no_transaction_wrappers(engine: Engine, probe: sqlprobe.Probe) -> None:
 
 
 def _no_nplusone(engine: Engine, probe: sqlprobe.Probe) -> None:
-    assert probe.collector is not None
-    probe.collector.per_statement = None
+    # The unit step is bound into the collector at attach: attach again without it.
+    probe.detach()
+    _attach(engine, n_plus_one_threshold=0)
 
 
 def _no_histograms(engine: Engine, probe: sqlprobe.Probe) -> None:
-    pool = probe.pool
-    assert pool is not None and pool._shared is not None
-    pool._shared.observe = lambda hist, seconds: None
+    # The pool hooks bind the series' pool-sink methods at attach: attach again while
+    # they are no-ops (the bound methods keep them after the class is restored).
+    from sqlprobe._sinks._prometheus import EngineSeries
+
+    probe.detach()
+    saved = {n: EngineSeries.__dict__[n] for n in ("checkout", "checkin", "transaction")}
+    try:
+        EngineSeries.checkout = EngineSeries.checkin = lambda self, seconds: None  # type: ignore[method-assign]
+        EngineSeries.transaction = lambda self, outcome, seconds: None  # type: ignore[method-assign]
+        _attach(engine)
+    finally:
+        for name, fn in saved.items():
+            setattr(EngineSeries, name, fn)
 
 
 def _no_unit_hooks(engine: Engine, probe: sqlprobe.Probe) -> None:
@@ -213,16 +226,6 @@ def profile(url: str, units: int = 3000) -> None:
             print(f"| {where} | {bare.get(where, 0.0):.2f} | {defaults[where]:.2f} |")
 
 
-def _closure(fn: Any, name: str) -> Any:
-    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True))
-    return cells[name].cell_contents
-
-
-def _listener(probe: sqlprobe.Probe, name: str) -> Any:
-    """The listener registered last for ``name`` (the traced one replaces the plain one)."""
-    return [fn for _held, n, fn in probe._listeners if n == name][-1]
-
-
 def _table(title: str, samples: dict[str, list[float]], base: str, per: str) -> None:
     print(f"#### {title}")
     print()
@@ -238,7 +241,7 @@ def _table(title: str, samples: dict[str, list[float]], base: str, per: str) -> 
 
 def direct(url: str, rounds: int) -> None:
     """Each per-unit piece on its own loop (see the module docstring)."""
-    from sqlprobe._nplusone import SLOT
+    from sqlprobe._analysis._nplusone import SLOT
 
     # 1. Checkout + check-in cycle: engine.pool.connect().close() (with the reset's
     #    do_rollback), with the pool hooks of a default attach removed in turn.
@@ -338,14 +341,14 @@ def direct(url: str, rounds: int) -> None:
     context = result.context
     statement = context.statement
     collector = probe.collector
-    assert collector is not None and probe.pool is not None
-    entry = collector.entry(statement)
-    detector = collector.per_statement
+    assert collector is not None
+    entry = collector._cache.get(statement) or collector._miss(statement)
+    shape = entry[0]
+    detector = collector.unit
     assert detector is not None
-    trace = _closure(_listener(probe, "do_execute"), "trace")
-    shared = probe.pool._shared
-    assert shared is not None
-    hist = shared.use
+    trace = collector.trace
+    assert trace is not None
+    series = probe._series
     root = context.root_connection
     perf = time.perf_counter
 
@@ -355,37 +358,36 @@ def direct(url: str, rounds: int) -> None:
 
     def nplusone_same(n: int) -> None:
         for _ in range(n):
-            detector(entry, context)
+            detector(shape, statement, context, None)
 
     def nplusone_new(n: int) -> None:
         slots = root.__dict__
         for _ in range(n):
             slots.pop(SLOT, None)
-            detector(entry, context)
+            detector(shape, statement, context, None)
 
     def ambient(n: int) -> None:
         start = perf()
         for _ in range(n):
-            trace(statement, start, 0.0001, 0, context, None)
+            trace(shape, start, 0.0001, 0, context, None)
 
     def histogram(n: int) -> None:
-        observe = shared.observe
+        observe = series.checkin
         for _ in range(n):
-            observe(hist, 0.0001)
+            observe(0.0001)
 
     cursor = context.cursor
     observe_statement = collector.observe
-    series = collector.series
 
     def collector_observe(n: int) -> None:
         for _ in range(n):
-            observe_statement(statement, 0.0001, cursor, 0.0, context, None, 0)
+            observe_statement(statement, 0.0, 0.0001, cursor, context, None, 0)
 
     def accumulators(n: int) -> None:
         record = series.observe
-        stats, op = entry[1], entry[2]
+        stats = entry[1]
         for _ in range(n):
-            record(stats, op, 0.0001, 1, None)
+            record(stats, 0.0001, 1, None)
 
     def clock_pair(n: int) -> None:
         for _ in range(n):
@@ -397,7 +399,7 @@ def direct(url: str, rounds: int) -> None:
         ("N+1 callback, slot of this transaction exists", nplusone_same, 20000),
         ("N+1 callback, first SELECT of a transaction (new slot)", nplusone_new, 20000),
         ("ambient OTel trace() (no lookup due)", ambient, 20000),
-        ("_Shared.observe (one locked histogram update)", histogram, 20000),
+        ("EngineSeries.checkin (one locked histogram update)", histogram, 20000),
         ("collector.observe (all of it, N+1 callback included)", collector_observe, 20000),
         ("EngineSeries.observe (the statement accumulators)", accumulators, 20000),
         ("two perf_counter() reads", clock_pair, 20000),
