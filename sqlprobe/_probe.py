@@ -368,16 +368,12 @@ class Probe:
         # An engine dropped without detach() must not keep its share of process-wide
         # state (the ORM hook, the series reference); its totals stay, bounded. The
         # clean-up runs at the next safe point (see _state.defer).
-        weakref.finalize(sync, _state.defer, self._forget)
+        weakref.finalize(sync, _state.defer, self.detach)
         for listener in _state.attach_listeners():
             try:
                 listener(self)
             except Exception:  # a capture must never break attach()
                 continue
-
-    def _forget(self) -> None:
-        """Undo what outlives a garbage-collected engine (listeners died with it)."""
-        self.detach()
 
     def _attach_global(self) -> None:
         from sqlalchemy.engine.interfaces import Dialect

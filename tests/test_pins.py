@@ -130,7 +130,11 @@ def switch_often() -> Iterator[None]:
 
 
 def test_counts_stay_exact_when_threads_switch_constantly(switch_often: None) -> None:
-    """Eight threads updating one series lose no increment (the lock, not the GIL)."""
+    """Eight threads updating one series lose no increment while switching constantly.
+
+    Under CPython's GIL an unlocked ``+=`` survives this too; that the lock is what keeps
+    the counts exact is pinned by ``test_every_update_happens_under_the_series_lock``.
+    """
     series = _series()
     stats = _stats(series)
     n = 20_000

@@ -134,13 +134,6 @@ class Collector:
 
     # -- statement path -----------------------------------------------------------------
 
-    def shape(self, statement: str) -> Shape:
-        """The shape of a statement text (cached)."""
-        entry = self._cache.get(statement)
-        if entry is None:
-            entry = self._miss(statement)
-        return entry[0]
-
     def _make_observe(self) -> Callable[[str, float, float, Any, Any, Any, int], None]:
         """Build :meth:`observe`: one closure over everything fixed at attach."""
         cache_get = self._cache.get

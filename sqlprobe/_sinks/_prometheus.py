@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from time import time
 from typing import Any
 
@@ -329,8 +329,8 @@ class EngineSeries:
 
     # -- pool sink ----------------------------------------------------------------------
 
-    def checkout(self, seconds: float) -> None:
-        hist = self.wait
+    def _observe(self, hist: Histogram, seconds: float) -> None:
+        """One observation of a pool or transaction histogram (lock taken by hand)."""
         i = bisect_left(hist.bounds, seconds)
         self._acquire()
         try:
@@ -339,15 +339,11 @@ class EngineSeries:
         finally:
             self._release()
 
+    def checkout(self, seconds: float) -> None:
+        self._observe(self.wait, seconds)
+
     def checkin(self, seconds: float) -> None:
-        hist = self.use
-        i = bisect_left(hist.bounds, seconds)
-        self._acquire()
-        try:
-            hist.counts[i] += 1
-            hist.total += seconds
-        finally:
-            self._release()
+        self._observe(self.use, seconds)
 
     def connected(self, seconds: float) -> None:
         with self.lock:
@@ -368,25 +364,13 @@ class EngineSeries:
             self.invalidations += 1
 
     def transaction(self, outcome: str, seconds: float) -> None:
-        hist = self.txn[outcome]
-        i = bisect_left(hist.bounds, seconds)
-        self._acquire()
-        try:
-            hist.counts[i] += 1
-            hist.total += seconds
-        finally:
-            self._release()
+        self._observe(self.txn[outcome], seconds)
 
     def statement_failed(self, operation: str, error: str) -> None:
         """A COMMIT or ROLLBACK that failed in the driver, as a failed statement."""
-        stats = self.prepare_operation(operation)
-        self.observe_error(stats, error)
-
-    def prepare_operation(self, operation: str) -> ShapeStats:
-        """The stats of a bare ``COMMIT``/``ROLLBACK`` statement (for its error counter)."""
         from .._core._fingerprint import analyze
 
-        return self.prepare(analyze(operation))
+        self.observe_error(self.prepare(analyze(operation)), error)
 
     def add_pool(self, source: SnapshotSource, keeps: bool) -> None:
         """Read the gauges of one more pool at each scrape."""
@@ -574,11 +558,11 @@ class PrometheusExporter(Collector):
         return describe_families()
 
 
-def describe_families(names: Sequence[str] | None = None) -> list[Metric]:
+def describe_families() -> list[Metric]:
     """Empty metric families of the family table (``describe()`` of an exporter)."""
     cls = {
         "counter": CounterMetricFamily,
         "gauge": GaugeMetricFamily,
         "histogram": HistogramMetricFamily,
     }
-    return [cls[f.kind](f.name, f.help) for f in FAMILIES if names is None or f.name in names]
+    return [cls[f.kind](f.name, f.help) for f in FAMILIES]
