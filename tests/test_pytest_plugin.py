@@ -5,6 +5,11 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.orm import configure_mappers
 
+import sqlprobe
+import sqlprobe._core._scope
+import sqlprobe._probe
+import sqlprobe._pytest._capture
+import sqlprobe._pytest._session
 import sqlprobe._scenario
 import sqlprobe.testing
 
@@ -17,11 +22,17 @@ pytest_plugins = ["pytester"]
 # reject.
 configure_mappers()
 assert sqlprobe._scenario.User.orders is not None
+assert sqlprobe.attach is sqlprobe._probe.attach
+assert sqlprobe.scope is sqlprobe._core._scope.scope
 
 #: Inner runs: no asyncio plugin (its config warning is not ours), no hypothesis plugin (its
 #: session summary costs about 2 s per run), and no warning that
 #: sqlprobe, already imported here, cannot be assertion-rewritten again.
 INNER = (
+    "-p",
+    "no:queryguard",
+    "-p",
+    "no:queryspy",
     "-p",
     "no:asyncio",
     "-p",
@@ -131,7 +142,8 @@ def test_n_plus_one_option_fails_the_test(project: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*User.orders: executed 5+ times in scope 'transaction' at conftest.py:* in lazy_loop",
+            "*User.orders: executed 5+ times in scope 'test_app.py::test_n_plus_one' "
+            "at conftest.py:* in lazy_loop",
             "*suggestion: selectinload(User.orders)",
             "*FAILED test_app.py::test_n_plus_one*",
         ]
@@ -206,3 +218,213 @@ def test_bad_option_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nsqlprobe_n_plus_one = loud\n")
     result = run(pytester)
     result.stderr.fnmatch_lines(["*sqlprobe_n_plus_one must be one of fail, warn, off*"])
+
+
+# -- engines, units of work, markers (issue 16) ----------------------------------------
+
+BARE_CONFTEST = """
+import sqlite3
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+
+from sqlprobe._scenario import Base, seed
+
+# Built at import time, before the plugin knows it is wanted: found and attached anyway.
+EARLY = create_engine("sqlite://")
+
+
+@pytest.fixture
+def late():
+    e = create_engine("sqlite://")  # built during the session: attached on creation
+    Base.metadata.create_all(e)
+    with Session(e) as s:
+        seed(s, users=8, orders_per_user=1, articles_per_user=0)
+    yield e
+    e.dispose()
+
+
+def two(engine):
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        conn.execute(text("SELECT 2"))
+"""
+
+
+def test_every_engine_of_the_session_is_attached(pytester: pytest.Pytester) -> None:
+    """Without any attach() call, engines built at import and in fixtures are both measured."""
+    pytester.makeconftest(BARE_CONFTEST)
+    pytester.makepyfile(
+        """
+        import pytest
+        from conftest import EARLY, two
+
+        @pytest.mark.sqlprobe(max_queries=1)
+        def test_early():
+            two(EARLY)
+
+        @pytest.mark.sqlprobe(max_queries=1)
+        def test_late(late):
+            two(late)
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_early ran 2 SQL statements, over its budget of 1 "
+            "(@pytest.mark.sqlprobe(max_queries=1))*",
+            "*test_late ran 2 SQL statements, over its budget of 1*",
+        ]
+    )
+
+
+def test_a_budget_that_saw_no_statement_fails(pytester: pytest.Pytester) -> None:
+    """A budgeted test whose SQL sqlprobe never saw fails saying so; allow_no_queries passes."""
+    pytester.makeconftest(BARE_CONFTEST)
+    pytester.makepyfile(
+        test_blind="""
+        import sqlite3
+        import pytest
+
+        def unseen():
+            conn = sqlite3.connect(":memory:")  # not through SQLAlchemy: invisible
+            for i in range(10):
+                conn.execute("SELECT ?", (i,))
+            conn.close()
+
+        @pytest.mark.sqlprobe(max_queries=0)
+        def test_blind():
+            unseen()
+
+        @pytest.mark.sqlprobe(max_queries=0, allow_no_queries=True)
+        def test_meant_to_run_none():
+            pass
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_blind has a query budget (@pytest.mark.sqlprobe(max_queries=0)) but "
+            "sqlprobe saw no SQL statement at all while it ran*",
+            "*FAILED test_blind.py::test_blind*",
+        ]
+    )
+
+
+def test_each_test_is_one_unit_of_work(project: pytest.Pytester) -> None:
+    """Lazy loads in two sessions of one test add up; six request scopes in a test do not."""
+    project.makepyfile(
+        test_units="""
+        import sqlprobe
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+        from sqlprobe._scenario import User
+
+        def test_two_sessions(engine):
+            for _ in range(2):
+                with Session(engine) as session:
+                    for user in session.scalars(select(User).limit(3)):
+                        user.orders
+
+        def test_six_requests(engine):
+            with Session(engine) as session:
+                users = session.scalars(select(User).limit(6)).all()
+            for user_id in [u.id for u in users]:
+                with sqlprobe.scope("GET /users/{id}"), Session(engine) as session:
+                    session.get(User, user_id).orders
+        """
+    )
+    result = run(project, "--sqlprobe-n-plus-one=fail", "test_units.py")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*User.orders: executed *", "*FAILED test_units.py::test_two_sessions*"]
+    )
+    assert "test_six_requests -" not in result.stdout.str()
+
+
+def test_marker_budgets_and_allow_list(project: pytest.Pytester) -> None:
+    """sqlprobe(max_time=...) fails a slow test; allow_n_plus_one accepts the named N+1."""
+    project.makepyfile(
+        test_marks="""
+        import pytest
+        from conftest import lazy_loop
+
+        @pytest.mark.sqlprobe(max_time=0)
+        def test_time(engine):
+            lazy_loop(engine)
+
+        @pytest.mark.sqlprobe(allow_n_plus_one=["User.orders"])
+        def test_allowed(engine):
+            lazy_loop(engine)
+
+        @pytest.mark.sqlprobe(n_plus_one="off")
+        def test_off(engine):
+            lazy_loop(engine)
+
+        @pytest.mark.sqlprobe(max_querys=1)
+        def test_typo(engine):
+            pass
+        """
+    )
+    result = run(project, "--sqlprobe-n-plus-one=fail", "test_marks.py")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_time spent * ms in SQL statements, over its budget of 0.0 ms "
+            "(@pytest.mark.sqlprobe(max_time=0))*",
+            "*test_typo: @pytest.mark.sqlprobe got unknown argument(s) max_querys*",
+        ]
+    )
+
+
+def test_markers_are_registered(pytester: pytest.Pytester) -> None:
+    """Both markers are registered, so --strict-markers accepts them."""
+    result = run(pytester, "--markers")
+    result.stdout.fnmatch_lines(
+        [
+            "@pytest.mark.sqlprobe(max_queries=None, max_time=None, *",
+            "@pytest.mark.max_queries(n):*",
+        ]
+    )
+
+
+def test_side_by_side_with_queryspy_and_queryguard(project: pytest.Pytester) -> None:
+    """With queryspy and pytest-queryguard loaded, sqlprobe's marker, options and summary report."""
+    pytest.importorskip("queryspy")
+    pytest.importorskip("pytest_queryguard")
+    project.makepyfile(
+        test_both="""
+        import pytest
+        from conftest import lazy_loop
+
+        @pytest.mark.sqlprobe(max_queries=2)
+        def test_budget(engine):
+            lazy_loop(engine)
+
+        def test_loop(engine):
+            lazy_loop(engine)
+        """
+    )
+    # Not run(): the competitors' plugins stay enabled in this inner session.
+    result = project.runpytest(
+        "-p", "no:asyncio", "-p", "no:hypothesispytest",
+        "-W", "ignore::pytest.PytestAssertRewriteWarning",
+        "--strict-markers", "--sqlprobe-n-plus-one=fail", "--sqlprobe-summary", "test_both.py",
+    )  # fmt: skip
+    out = result.stdout.str()
+    assert "queryguard" in out and "queryspy" in out  # both plugins were loaded
+    result.assert_outcomes(failed=2, warnings=1)
+    result.stdout.fnmatch_lines(
+        ["*another plugin (or the ini file) registers the 'max_queries' marker*"]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*test_budget ran 9 SQL statements, over its budget of 2 "
+            "(@pytest.mark.sqlprobe(max_queries=2))*",
+            "*User.orders: executed 5+ times in scope 'test_both.py::test_loop'*",
+            "*sqlprobe: tests that ran the most SQL statements*",
+        ]
+    )
