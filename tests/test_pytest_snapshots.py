@@ -135,3 +135,105 @@ def test_a_changed_query_fails_with_a_diff(pytester: pytest.Pytester) -> None:
     )
     run(pytester, "--sqlprobe-snapshot-update").assert_outcomes(passed=2)
     run(pytester, "--sqlprobe-snapshot").assert_outcomes(passed=2)
+
+
+#: The OASIS SARIF 2.1.0 JSON schema, unmodified (oasis-tcs/sarif-spec,
+#: sarif-2.1/schema/sarif-schema-2.1.0.json; its "id" names the published errata01 URL).
+SARIF_SCHEMA = Path(__file__).parent / "data" / "sarif-schema-2.1.0.json"
+
+
+def _validate_sarif(path: Path) -> dict[str, object]:
+    import jsonschema
+
+    log = json.loads(path.read_text(encoding="utf-8"))
+    schema = json.loads(SARIF_SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.Draft4Validator.check_schema(schema)
+    errors = sorted(jsonschema.Draft4Validator(schema).iter_errors(log), key=str)
+    assert not errors, "\n".join(str(e) for e in errors[:3])
+    assert isinstance(log, dict)
+    return log
+
+
+FINDINGS = """
+import pytest
+from sqlalchemy import text
+from conftest import lazy_loop
+
+
+@pytest.mark.sqlprobe(max_queries=1)
+def test_over_budget(engine):
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        conn.execute(text("SELECT 2"))
+
+
+def test_n_plus_one(engine):
+    lazy_loop(engine)
+"""
+
+
+def test_sarif_and_baseline(pytester: pytest.Pytester) -> None:
+    """SARIF 2.1.0 validates, one rule per kind, results at their lines; a baseline accepts them."""
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_found=FINDINGS)
+    sarif = pytester.path / "reports" / "sqlprobe.sarif"
+    result = run(pytester, "--sqlprobe-n-plus-one=fail", f"--sqlprobe-sarif={sarif}")
+    result.assert_outcomes(failed=2)
+    log = _validate_sarif(sarif)
+    run_ = log["runs"][0]  # type: ignore[index]
+    rules = [r["id"] for r in run_["tool"]["driver"]["rules"]]
+    assert rules == ["n-plus-one", "query-budget", "time-budget"]
+    located = {
+        (
+            r["ruleId"],
+            r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"],
+            r["locations"][0]["physicalLocation"]["region"]["startLine"],
+            r["baselineState"],
+        )
+        for r in run_["results"]
+    }
+    assert located == {
+        ("query-budget", "test_found.py", 6, "new"),  # the test (its marker line)
+        ("n-plus-one", "conftest.py", 32, "new"),  # the loop's line in lazy_loop
+    }
+
+    baseline = pytester.path / "sqlprobe-baseline.json"
+    result = run(
+        pytester,
+        "--sqlprobe-n-plus-one=fail",
+        f"--sqlprobe-baseline={baseline}",
+        "--sqlprobe-baseline-update",
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["sqlprobe: 2 finding(s) written to the baseline *"])
+    accepted = json.loads(baseline.read_text(encoding="utf-8"))["findings"]
+    assert {(f["kind"], f["subject"]) for f in accepted} == {
+        ("query-budget", "max_queries"),
+        ("n-plus-one", "User.orders"),
+    }
+
+    pytester.makepyfile(
+        test_new="""
+        from conftest import lazy_loop
+
+        def test_new_loop(engine):
+            lazy_loop(engine)
+        """
+    )
+    result = run(
+        pytester,
+        "--sqlprobe-n-plus-one=fail",
+        f"--sqlprobe-baseline={baseline}",
+        f"--sqlprobe-sarif={sarif}",
+    )
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*FAILED test_new.py::test_new_loop*"])
+    states = sorted(
+        (r["properties"]["test"], r["baselineState"])
+        for r in _validate_sarif(sarif)["runs"][0]["results"]  # type: ignore[index]
+    )
+    assert states == [
+        ("test_found.py::test_n_plus_one", "unchanged"),
+        ("test_found.py::test_over_budget", "unchanged"),
+        ("test_new.py::test_new_loop", "new"),
+    ]

@@ -214,10 +214,12 @@ class PluginSession:
             found.append((finding, "", d))
         baseline = self._baseline_store()
         reported = []
+        # Writing the baseline is a recording run: its findings fail nothing.
+        recording = self.settings.baseline_update
         for finding, problem, detection in found:
             finding["baselined"] = baseline is not None and baseline.accepts(finding)
             out["findings"].append(finding)
-            if finding["baselined"]:
+            if finding["baselined"] or recording:
                 continue
             if detection is not None:
                 reported.append(detection)
