@@ -237,3 +237,71 @@ def test_sarif_and_baseline(pytester: pytest.Pytester) -> None:
         ("test_found.py::test_over_budget", "unchanged"),
         ("test_new.py::test_new_loop", "new"),
     ]
+
+
+VERIFY = """
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+from sqlprobe._scenario import Base, User, seed
+
+
+@pytest.fixture
+def twenty():
+    e = create_engine("sqlite://")
+    Base.metadata.create_all(e)
+    with Session(e) as s:
+        seed(s, users=20, orders_per_user=2, articles_per_user=0)
+    yield e
+    e.dispose()
+
+
+def test_lazy_loop(twenty):
+    with Session(twenty) as session:
+        totals = {u.name: len(u.orders) for u in session.scalars(select(User))}
+    assert sum(totals.values()) == 40
+
+
+def test_reads_after_a_delete(twenty):
+    with Session(twenty) as session:
+        users = session.scalars(select(User)).all()
+        session.connection().exec_driver_sql("DELETE FROM sqlprobe_demo_orders")
+        # Holds only while the orders load lazily, after the delete:
+        assert all(len(user.orders) == 0 for user in users)
+"""
+
+
+def test_verify_fixes_reports_each_suggestion(pytester: pytest.Pytester) -> None:
+    """--sqlprobe-verify-fixes re-runs with the option: a real fix, and one that breaks the test."""
+    pytester.makepyfile(test_verify=VERIFY)
+    result = run(pytester, "--sqlprobe-verify-fixes")
+    result.assert_outcomes(passed=2)  # the re-runs change no outcome
+    result.stdout.fnmatch_lines(
+        [
+            "*sqlprobe: suggested fixes, verified*",
+            "test_verify.py::test_lazy_loop: selectinload(User.orders): passes, "
+            "21 -> 2 statements, same rows",
+            "test_verify.py::test_reads_after_a_delete: selectinload(User.orders): "
+            "breaks the test, 22 -> 3 statements, different rows (not a fix)",
+        ]
+    )
+
+
+def test_only_loader_options_are_verifiable() -> None:
+    """A generic hint or an unknown attribute is no option to apply; a chain builds."""
+    from sqlalchemy.orm import Load
+
+    from sqlprobe._pytest._verify import build_option
+    from sqlprobe._scenario import Order, User
+
+    for hint in (
+        "load the rows in one query (an IN list or a join) instead of one per item",
+        "Session(expire_on_commit=False)",
+        "selectinload(User.nothing)",
+        "eval(User.orders)",
+    ):
+        with pytest.raises(LookupError):
+            build_option(hint)
+    root, option = build_option("selectinload(User.orders).joinedload(Order.user)")
+    assert root is User and isinstance(option, Load)
+    assert Order.user is not None

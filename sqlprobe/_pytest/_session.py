@@ -92,10 +92,18 @@ class PluginSession:
         #: nodeid -> (snapshot file, key, queries) of the entries to write.
         self.snapshots: dict[str, tuple[str, str, Any]] = {}
         self.verified: list[dict[str, Any]] = []
+        #: The measurements of the current --sqlprobe-verify-fixes re-run, while one runs.
+        self.rerun: dict[str, Any] | None = None
         self._probes: list[Any] = []
         self._baseline: Any = None
         self._snapshots: Any = None
+        self._verifier: Any = None
         self._attach()
+        if settings.verify_fixes:
+            from ._verify import FixVerifier
+
+            self._verifier = FixVerifier(self)
+            config.pluginmanager.register(self._verifier, "sqlprobe-verify-fixes")
 
     # -- engines -----------------------------------------------------------------------
 
@@ -128,6 +136,9 @@ class PluginSession:
                         continue
 
     def close(self) -> None:
+        if self._verifier is not None:
+            self.config.pluginmanager.unregister(self._verifier)
+            self._verifier = None
         for probe in reversed(self._probes):
             probe.detach()
         self._probes.clear()
@@ -139,27 +150,56 @@ class PluginSession:
     # from measuring and reporting it.
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, Any, Any]:
-        policy = policy_for(item, self.settings)
-        if policy is None:
-            return (yield)
         from .._core._scope import Scope
         from ._capture import TestCapture
 
+        rerun = self.rerun
+        if rerun is not None:  # a re-run of --sqlprobe-verify-fixes: measure only
+            from ._verify import RowRecorder
+
+            q = TestCapture()
+            with Scope(item.nodeid), q, RowRecorder() as rows:
+                try:
+                    return (yield)
+                finally:
+                    rerun.update(
+                        count=len(q),
+                        rows=rows.digest(),
+                        relationships=[d.relationship for d in q.n_plus_one],
+                    )
+        policy = policy_for(item, self.settings)
+        if policy is None:
+            return (yield)
         snapshots = self._snapshot_store()
         q = TestCapture(sources=snapshots is not None and policy.snapshot)
+        recorder: Any = None
+        if self.settings.verify_fixes:
+            from ._verify import RowRecorder
+
+            recorder = RowRecorder()
         try:
             with Scope(item.nodeid), q:
-                result = yield
+                if recorder is None:
+                    result = yield
+                else:
+                    with recorder:
+                        result = yield
         except BaseException:
             # The test failed on its own: its statements and findings are still
             # reported (summary, SARIF), but sqlprobe adds no failure of its own.
             self._check(item, policy, q, failed=True)
             raise
-        self._check(item, policy, q)
+        self._check(item, policy, q, rows=recorder.digest() if recorder is not None else None)
         return result
 
     def _check(
-        self, item: pytest.Item, policy: Policy, q: TestCapture, *, failed: bool = False
+        self,
+        item: pytest.Item,
+        policy: Policy,
+        q: TestCapture,
+        *,
+        failed: bool = False,
+        rows: str | None = None,
     ) -> None:
         from ..testing import format_detections
 
@@ -234,6 +274,7 @@ class PluginSession:
                 {"relationship": d.relationship, "suggestion": d.suggestion} for d in reported
             ]
             out["statements"] = len(q)
+            out["rows"] = rows
 
         snapshots = self._snapshot_store()
         if snapshots is not None and policy.snapshot:
