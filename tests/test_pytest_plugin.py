@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from sqlalchemy.orm import configure_mappers
 
@@ -428,3 +430,18 @@ def test_side_by_side_with_queryspy_and_queryguard(project: pytest.Pytester) -> 
             "*sqlprobe: tests that ran the most SQL statements*",
         ]
     )
+
+
+def test_every_option_and_marker_key_is_documented(pytester: pytest.Pytester) -> None:
+    """docs/testing.md names every --sqlprobe- option, ini key and marker key."""
+    from pathlib import Path
+
+    from sqlprobe._pytest._policy import MARKER_KEYS
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    result = run(pytester, "--help")
+    options = set(re.findall(r"(--sqlprobe-[a-z-]+)", result.stdout.str()))
+    ini_keys = set(re.findall(r"^  (sqlprobe_[a-z_]+)", result.stdout.str(), re.M))
+    assert len(options) == 8 and len(ini_keys) == 4, (options, ini_keys)
+    for name in sorted(options | ini_keys | {f"`{k}`" for k in MARKER_KEYS}):
+        assert name in page, f"{name} is not in docs/testing.md"
