@@ -131,9 +131,13 @@ class PluginSession:
                     known = _state.probes.get(obj)
                 if known is None or not known.attached:
                     try:
-                        self._probes.append(attach(obj, **options))
+                        probe = attach(obj, **options)
                     except Exception:  # an odd engine must not stop the test run
                         continue
+                    # Like the engines attach() for all engines finds: the
+                    # application's own attach() of it later replaces this probe.
+                    probe._implicit = True
+                    self._probes.append(probe)
 
     def close(self) -> None:
         if self._verifier is not None:
