@@ -228,6 +228,9 @@ def test_sarif_and_baseline(pytester: pytest.Pytester) -> None:
     )
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*FAILED test_new.py::test_new_loop*"])
+    missing = run(pytester, f"--sqlprobe-baseline={pytester.path / 'nope.json'}")
+    missing.stderr.fnmatch_lines(["*the sqlprobe baseline *nope.json does not exist*"])
+    assert missing.ret == pytest.ExitCode.USAGE_ERROR
     states = sorted(
         (r["properties"]["test"], r["baselineState"])
         for r in _validate_sarif(sarif)["runs"][0]["results"]  # type: ignore[index]

@@ -98,6 +98,11 @@ class PluginSession:
         self._baseline: Any = None
         self._snapshots: Any = None
         self._verifier: Any = None
+        if settings.baseline is not None and not settings.baseline_update:
+            from ._findings import Baseline
+
+            # Read now: a missing or broken file stops the run before any test, plainly.
+            self._baseline = Baseline.load(settings.baseline)
         self._attach()
         if settings.verify_fixes:
             from ._verify import FixVerifier
