@@ -157,14 +157,21 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     settings = Settings.from_config(config, legacy_marker=legacy)
     config.stash[_SETTINGS] = settings
-    if settings.capture_all:
+    if settings.capture_all or _xdist_controller(config):
+        # A pytest-xdist controller collects nothing (its workers do), so it cannot
+        # wait for a marked test: it gathers whatever the workers' reports carry.
         _activate(config, settings)
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
 
 
 def _activate(config: pytest.Config, settings: Settings) -> None:
     from ._pytest._session import PluginSession
 
-    config.pluginmanager.register(PluginSession(config, settings), _PLUGIN_NAME)
+    plugin = PluginSession(config, settings, attach=not _xdist_controller(config))
+    config.pluginmanager.register(plugin, _PLUGIN_NAME)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

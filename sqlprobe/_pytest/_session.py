@@ -81,7 +81,7 @@ def split_source(source: str) -> tuple[str, int]:
 class PluginSession:
     """Attaches the engines, measures the tests, gathers and writes the results."""
 
-    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+    def __init__(self, config: pytest.Config, settings: Settings, *, attach: bool = True) -> None:
         self.config = config
         self.settings = settings
         self.worker = hasattr(config, "workerinput")
@@ -103,7 +103,8 @@ class PluginSession:
 
             # Read now: a missing or broken file stops the run before any test, plainly.
             self._baseline = Baseline.load(settings.baseline)
-        self._attach()
+        if attach:  # not on a pytest-xdist controller: its workers run the tests
+            self._attach()
         if settings.verify_fixes:
             from ._verify import FixVerifier
 
