@@ -190,9 +190,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-def sqlprobe_capture() -> Iterator[QueryCapture]:
-    """A capture of every attached engine's statements, open for the test."""
+def sqlprobe_capture(request: pytest.FixtureRequest) -> Iterator[QueryCapture]:
+    """A capture of every engine's statements, open for the test.
+
+    Using it turns the plugin on like a marker does: every engine of the session is
+    attached from then on (and those that exist are attached now).
+    """
     from sqlprobe.testing import capture
 
+    config = request.config
+    settings = config.stash.get(_SETTINGS, None)
+    if settings is not None and not config.pluginmanager.has_plugin(_PLUGIN_NAME):
+        _activate(config, settings)
     with capture() as q:
         yield q

@@ -192,6 +192,23 @@ def test_fixture_yields_a_capture(pytester: pytest.Pytester) -> None:
     run(pytester).assert_outcomes(passed=1)
 
 
+def test_fixture_attaches_the_engines(pytester: pytest.Pytester) -> None:
+    """sqlprobe_capture alone sees an engine nobody attached, built before or during the test."""
+    pytester.makeconftest(BARE_CONFTEST)
+    pytester.makepyfile(
+        """
+        from sqlalchemy import create_engine
+        from conftest import EARLY, two
+
+        def test_count(sqlprobe_capture):
+            two(EARLY)
+            two(create_engine("sqlite://"))
+            assert len(sqlprobe_capture) == 4
+        """
+    )
+    run(pytester).assert_outcomes(passed=1)
+
+
 def test_does_nothing_when_not_asked(project: pytest.Pytester) -> None:
     """Without marker, option or ini, nothing is captured, failed or printed."""
     project.makepyfile(
