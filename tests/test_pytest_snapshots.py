@@ -137,6 +137,25 @@ def test_a_changed_query_fails_with_a_diff(pytester: pytest.Pytester) -> None:
     run(pytester, "--sqlprobe-snapshot").assert_outcomes(passed=2)
 
 
+def test_a_failing_test_records_no_snapshot(pytester: pytest.Pytester) -> None:
+    """A test that fails on its own gets no snapshot entry (its queries are not the norm)."""
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        test_half="""
+        from conftest import lazy_loop
+
+        def test_ok(engine):
+            lazy_loop(engine)
+
+        def test_broken(engine):
+            lazy_loop(engine)
+            assert False
+        """
+    )
+    run(pytester, "--sqlprobe-snapshot").assert_outcomes(passed=1, failed=1)
+    assert sorted(_entries(pytester.path / "test_half.sqlprobe.yaml")) == ["test_ok"]
+
+
 #: The OASIS SARIF 2.1.0 JSON schema, unmodified (oasis-tcs/sarif-spec,
 #: sarif-2.1/schema/sarif-schema-2.1.0.json; its "id" names the published errata01 URL).
 SARIF_SCHEMA = Path(__file__).parent / "data" / "sarif-schema-2.1.0.json"

@@ -247,9 +247,16 @@ class PluginSession:
             )
             finding = _finding("time-budget", nodeid, message, *where, "max_time")
             found.append((finding, f"{message}:\n{q.format()}", None))
+        seen: set[tuple[str, str, str]] = set()
         for d in q.n_plus_one:
             if policy.allows(d.relationship, d.fingerprint):
                 continue
+            # The same loop detected in several units of the test (two requests) is
+            # one finding.
+            key = (d.relationship, d.fingerprint, d.source)
+            if key in seen:
+                continue
+            seen.add(key)
             file, line = split_source(d.source)
             finding = _finding(
                 "n-plus-one",
@@ -280,14 +287,13 @@ class PluginSession:
         elif reported and policy.n_plus_one == "warn" and not failed:
             _warn_at(format_detections(reported), reported[0].source, item)
         if reported and self.settings.verify_fixes and not failed:
-            out["verify"] = [
-                {"relationship": d.relationship, "suggestion": d.suggestion} for d in reported
-            ]
+            todo = {(d.relationship, d.suggestion) for d in reported}
+            out["verify"] = [{"relationship": r, "suggestion": s} for r, s in sorted(todo)]
             out["statements"] = len(q)
             out["rows"] = rows
 
         snapshots = self._snapshot_store()
-        if snapshots is not None and policy.snapshot:
+        if snapshots is not None and policy.snapshot and not failed:
             problem, entry = snapshots.check(item, q)
             if entry is not None:
                 out["snapshot"] = entry
