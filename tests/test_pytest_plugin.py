@@ -225,12 +225,6 @@ def test_does_nothing_when_not_asked(project: pytest.Pytester) -> None:
     assert "SqlprobeWarning" not in result.stdout.str()
 
 
-def test_marker_is_registered(pytester: pytest.Pytester) -> None:
-    """max_queries is a registered marker, so --strict-markers accepts it."""
-    result = run(pytester, "--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.max_queries(n):*"])
-
-
 def test_bad_option_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
     """An unknown ini mode stops the run with a plain message."""
     pytester.makeini("[pytest]\nsqlprobe_n_plus_one = loud\n")
