@@ -119,7 +119,7 @@ def _bare(engine: Any) -> Teardown:
 def _metrics_only(engine: Any) -> Teardown:
     # The suite measures the pool hooks' share separately: take them off here only.
     probe = sqlprobe.attach(engine, registry=CollectorRegistry(), n_plus_one_threshold=0)
-    for name in ("connect", "recreate"):
+    for name in ("connect", "recreate", "_return_conn"):
         vars(engine.pool).pop(name, None)
     for name in ("do_begin", "do_commit", "do_rollback"):
         vars(engine.dialect).pop(name, None)

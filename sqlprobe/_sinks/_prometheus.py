@@ -329,8 +329,12 @@ class EngineSeries:
 
     # -- pool sink ----------------------------------------------------------------------
 
-    def _observe(self, hist: Histogram, seconds: float) -> None:
-        """One observation of a pool or transaction histogram (lock taken by hand)."""
+    # checkout, checkin and transaction run once per checkout or transaction; each is
+    # written out rather than calling a shared helper: a Python call is about a fifth of
+    # what the update itself costs.
+
+    def checkout(self, seconds: float) -> None:
+        hist = self.wait
         i = bisect_left(hist.bounds, seconds)
         self._acquire()
         try:
@@ -339,11 +343,15 @@ class EngineSeries:
         finally:
             self._release()
 
-    def checkout(self, seconds: float) -> None:
-        self._observe(self.wait, seconds)
-
     def checkin(self, seconds: float) -> None:
-        self._observe(self.use, seconds)
+        hist = self.use
+        i = bisect_left(hist.bounds, seconds)
+        self._acquire()
+        try:
+            hist.counts[i] += 1
+            hist.total += seconds
+        finally:
+            self._release()
 
     def connected(self, seconds: float) -> None:
         with self.lock:
@@ -364,7 +372,14 @@ class EngineSeries:
             self.invalidations += 1
 
     def transaction(self, outcome: str, seconds: float) -> None:
-        self._observe(self.txn[outcome], seconds)
+        hist = self.txn[outcome]
+        i = bisect_left(hist.bounds, seconds)
+        self._acquire()
+        try:
+            hist.counts[i] += 1
+            hist.total += seconds
+        finally:
+            self._release()
 
     def statement_failed(self, operation: str, error: str) -> None:
         """A COMMIT or ROLLBACK that failed in the driver, as a failed statement."""

@@ -1,0 +1,196 @@
+"""sqlprobe's cost in CPU instructions, which a busy machine cannot blur.
+
+    .venv/bin/python benchmarks/instructions.py [--variants bare,metrics,default]
+
+Wall and CPU times on a shared two-core machine swing by a factor of three within a
+minute (``common.machine_noise``), which buries differences of a microsecond unless a
+run is long and the machine quiet. ``valgrind --tool=callgrind`` counts the
+instructions a process executes instead: the count is the same, run after run, whatever
+else the machine does (``PYTHONHASHSEED`` and the garbage collector are pinned, so the
+interpreter does the same work each time). Instructions are not microseconds, but an
+added share of instructions is a good estimate of an added share of CPU time for code
+that, like this, is interpreter overhead rather than memory traffic.
+
+Each variant runs the loops of ``suite.py``'s request section (a request unit:
+checkout from the QueuePool of a file SQLite database, begin, three primary-key
+SELECTs, commit, check-in; and a primary-key SELECT on an open connection) twice, with
+``LOW`` and ``HIGH`` iterations, in separate processes under callgrind; the difference
+divided by ``HIGH - LOW`` is the count per iteration, free of start-up and set-up.
+The same statement on an in-memory SQLite database (the reference loop of the
+per-statement targets) runs too. The report gives instructions per unit and per
+statement, the added count over bare SQLAlchemy, the ratio, and the unit's cost beyond
+its three statements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOW, HIGH = 200, 1200
+SLOWDOWN = 50
+LOOPS = ("unit", "statement", "memory")
+VARIANTS = {
+    "bare": "bare SQLAlchemy",
+    "metrics": "sqlprobe metrics only (no pool hooks)",
+    "pool": "sqlprobe + pool/tx metrics",
+    "default": "sqlprobe defaults (+ N+1)",
+    "otel": "otel-instrumentation-sqlalchemy (no SDK spans exported)",
+}
+
+
+def worker(variant: str, loop: str, n: int, path: str) -> None:
+    """Run one loop ``n`` times in this process (the part callgrind counts)."""
+    import gc
+
+    sys.path.insert(0, HERE)
+    import suite
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import QueuePool
+
+    url = f"sqlite:///{path}"
+    setup = {
+        "bare": suite._bare,
+        "metrics": suite._metrics_only,
+        "pool": suite._metrics_pool,
+        "default": suite._default,
+    }.get(variant)
+    if variant == "otel":
+        from opentelemetry.sdk.trace import TracerProvider
+
+        setup = suite._otel_instrumentation(TracerProvider(), False)
+    assert setup is not None
+    # Under callgrind the program runs about 50 times slower: sqlprobe's time-based
+    # intervals (the ambient span lookup) are stretched alike, so that they fire as
+    # often per statement as they do at full speed.
+    from sqlprobe._sinks import _otel
+
+    _otel.AMBIENT_INTERVAL *= SLOWDOWN
+    if loop == "memory":
+        url = "sqlite://"
+    # In-memory SQLite keeps SQLAlchemy's default pool (one connection per thread), so
+    # the table made here is the one the loop reads.
+    engine = create_engine(url) if loop == "memory" else create_engine(url, poolclass=QueuePool)
+    if loop == "memory":
+        suite._fill(engine)
+    teardown = setup(engine)
+    queries = suite.UNIT_QUERIES
+    query = suite.QUERY
+    # Warm every cache (SQLAlchemy's compiled cache, sqlprobe's shapes) first.
+    with engine.begin() as c:
+        for q in queries:
+            c.execute(q).all()
+    conn = engine.connect()
+    conn.execute(query).all()
+    gc.collect()
+    gc.disable()
+    if loop == "memory":
+        loop = "statement"
+    if loop == "unit":
+        begin = engine.begin
+        for _ in range(n):
+            with begin() as c:
+                for q in queries:
+                    c.execute(q).all()
+    else:
+        execute = conn.execute
+        for _ in range(n):
+            execute(query).all()
+    conn.close()
+    teardown()
+
+
+def count(variant: str, loop: str, n: int, path: str) -> int:
+    """Instructions of one worker process under callgrind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                __file__,
+                "--worker",
+                variant,
+                loop,
+                str(n),
+                path,
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        with open(out) as f:
+            text = f.read()
+    match = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
+    assert match, "no instruction total in callgrind's output"
+    return int(match.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        variant, loop, n, path = args.worker
+        worker(variant, loop, int(n), path)
+        return 0
+    names = [v for v in args.variants.split(",") if v]
+    if names[0] != "bare":
+        names.insert(0, "bare")
+    sys.path.insert(0, HERE)
+    import suite
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import QueuePool
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bench.db")
+        seed = create_engine(f"sqlite:///{path}", poolclass=QueuePool)
+        suite._fill(seed)
+        seed.dispose()
+        jobs = [(v, loop, n) for v in names for loop in LOOPS for n in (LOW, HIGH)]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            totals = dict(zip(jobs, pool.map(lambda j: count(*j, path), jobs), strict=True))
+    per = {
+        (v, loop): (totals[(v, loop, HIGH)] - totals[(v, loop, LOW)]) / (HIGH - LOW)
+        for v in names
+        for loop in LOOPS
+    }
+    bare_u, bare_s = per[("bare", "unit")], per[("bare", "statement")]
+    print(f"instructions per iteration (callgrind; {LOW} and {HIGH} iterations)\n")
+    print("file SQLite (QueuePool): a request unit, and a statement on an open connection\n")
+    print(
+        "| variant | per unit | added per unit | ratio | per statement "
+        "| added per statement | ratio | added beyond 3 statements |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for v in names:
+        u, s = per[(v, "unit")], per[(v, "statement")]
+        du, ds = u - bare_u, s - bare_s
+        print(
+            f"| {VARIANTS[v]} | {u:,.0f} | {du:+,.0f} | {u / bare_u:.3f} | {s:,.0f} "
+            f"| {ds:+,.0f} | {s / bare_s:.3f} | {du - 3 * ds:+,.0f} |"
+        )
+    bare_m = per[("bare", "memory")]
+    print("\nin-memory SQLite: a primary-key SELECT on an open connection\n")
+    print("| variant | per statement | added | ratio |")
+    print("|---|---:|---:|---:|")
+    for v in names:
+        m = per[(v, "memory")]
+        print(f"| {VARIANTS[v]} | {m:,.0f} | {m - bare_m:+,.0f} | {m / bare_m:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
