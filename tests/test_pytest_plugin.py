@@ -131,7 +131,7 @@ def test_n_plus_one_option_fails_the_test(project: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*User.orders: executed 5+ times in scope 'transaction' at conftest.py:* in lazy_loop",
+            "*User.orders: executed 2+ times in scope 'session' at conftest.py:* in lazy_loop",
             "*suggestion: selectinload(User.orders)",
             "*FAILED test_app.py::test_n_plus_one*",
         ]
