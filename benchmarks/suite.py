@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import bindparam, create_engine, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session
 from sqlalchemy.pool import QueuePool
@@ -186,6 +186,32 @@ def _otel_instrumentation(provider: Any, commenter: bool) -> Callable[[Any], Tea
     return setup
 
 
+def _default_orm_listener(engine: Any) -> Teardown:
+    """Defaults plus an empty ``do_orm_execute`` listener: what naming cost before."""
+    teardown = _default(engine)
+
+    def listener(state: Any) -> None:
+        pass
+
+    event.listen(Session, "do_orm_execute", listener)
+
+    def undo() -> None:
+        event.remove(Session, "do_orm_execute", listener)
+        teardown()
+
+    return undo
+
+
+def orm_variants() -> list[Variant]:
+    """The ORM section's variants: N+1 detection's own cost on the ORM path."""
+    return [
+        Variant("bare", _bare),
+        Variant("sqlprobe metrics only", _metrics_only),
+        Variant("sqlprobe defaults (+ N+1)", _default),
+        Variant("defaults + an empty do_orm_execute listener", _default_orm_listener),
+    ]
+
+
 def variants(with_otel: bool) -> list[Variant]:
     out = [
         Variant("bare", _bare),
@@ -272,6 +298,18 @@ def per_statement(
                 for _ in range(n):
                     execute(ORM_QUERY).scalars().all()
                     session.expunge_all()
+
+            close = session.close
+        elif mode == "orm-pk":
+            # The ORM primary-key loop of an application: one Session, a different id
+            # each time (the rows stay in the identity map; execute() still runs SQL).
+            session = Session(engine)
+            query = select(Item).where(Item.id == bindparam("id"))
+
+            def run(n: int, session: Session = session, query: Any = query) -> None:
+                execute = session.execute
+                for i in range(n):
+                    execute(query, {"id": i % 100 + 1}).scalars().all()
 
             close = session.close
         elif mode == "checkout":
@@ -773,7 +811,7 @@ def throughput(url: str, seconds: float, pairs: int) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("statements", "request", "async", "fp", "scrape", "memory", "threads")
+SECTIONS = ("statements", "orm", "request", "async", "fp", "scrape", "memory", "threads")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -859,6 +897,27 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
         )
+    if "orm" not in skip:
+        # N+1 detection on the ORM path (issue 16): defaults against metrics only, and
+        # the empty do_orm_execute listener that naming the relationship used to need.
+        emit("### ORM loops, N+1 detection's cost (no parent span)")
+        ovs = orm_variants()
+        for title, mode in (
+            ("primary-key loop, a new id each time, one Session", "orm-pk"),
+            ("one primary key, expunge_all() after each", "orm"),
+        ):
+            rows = per_statement("sqlite://", ovs, mode=mode, rounds=rounds, batch=batch // 2)
+            by = {r.name: r for r in rows}
+            metrics, defaults = by["sqlprobe metrics only"], by["sqlprobe defaults (+ N+1)"]
+            listener = by["defaults + an empty do_orm_execute listener"]
+            emit(
+                table(f"SQLite in-memory, ORM {title} ({rounds}×{batch // 2})", rows)
+                + "\n\n"
+                + f"Defaults over metrics only, paired per round: "
+                f"**{_paired(defaults, metrics) * 1e6:+.2f} µs** per statement "
+                f"(target ≤ +3 µs); an empty do_orm_execute listener on top of the "
+                f"defaults: {_paired(listener, defaults) * 1e6:+.2f} µs."
+            )
     if "request" not in skip:
         # sqlprobe's variants and the instrumentation, as an application would run them.
         keep = {
