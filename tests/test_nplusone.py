@@ -619,7 +619,7 @@ def test_test_unit_spans_sessions_and_keeps_requests_innermost(
     demo_engine: Engine, registry: CollectorRegistry, logs: LogCapture
 ) -> None:
     """A per-test unit adds up loads across Sessions; request scopes inside count alone."""
-    from sqlprobe._core._scope import test_unit
+    from sqlprobe._core._scope import per_test_unit
 
     sqlprobe.attach(demo_engine, registry=registry, logger=make_logger(logs))
     engine = demo_engine
@@ -627,7 +627,7 @@ def test_test_unit_spans_sessions_and_keeps_requests_innermost(
     corpus.prepare(corpus_engine)
     sqlprobe.attach(corpus_engine, registry=registry, logger=make_logger(logs), name="corpus")
     try:
-        with test_unit("tests/test_x.py::test_requests"):
+        with per_test_unit("tests/test_x.py::test_requests"):
             corpus.six_clean_requests(corpus_engine)  # 6 requests, each its own unit
             assert events(logs) == []
             corpus.one_lazy_load_per_session(corpus_engine)  # the test is the unit

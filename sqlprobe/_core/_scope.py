@@ -11,7 +11,7 @@ Units of work for N+1 detection
 The N+1 detector counts repeats per unit of work, the innermost of:
 
 1. an open scope: :func:`sqlprobe.scope`, the middleware's request scope, or the
-   per-test unit of :func:`test_unit` (a scope opened inside another one is innermost,
+   per-test unit of :func:`per_test_unit` (a scope opened inside another one is innermost,
    so requests inside a test count on their own);
 2. the ORM ``Session`` that runs the statement, from its first use to ``close()`` (or
    ``expunge_all()``, which ``close()`` calls), across its commits;
@@ -36,8 +36,8 @@ __all__ = [
     "Scope",
     "current_scope",
     "current_scope_getter",
+    "per_test_unit",
     "scope",
-    "test_unit",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -139,10 +139,10 @@ def current_scope_getter() -> Callable[[], Scope | None]:
     return _current.get
 
 
-def test_unit(name: str) -> Scope:
+def per_test_unit(name: str) -> Scope:
     """The unit of work of one test (the pytest plugin's per-test unit).
 
-    Enter it around the test's call (``with test_unit(item.nodeid):``): every statement
+    Enter it around the test's call (``with per_test_unit(item.nodeid):``): every statement
     of the test counts in it, across Sessions and transactions, except those inside a
     scope opened within it (a request through the middleware, an explicit
     :func:`sqlprobe.scope`), which count in that innermost scope alone. Detections
