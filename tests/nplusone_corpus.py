@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ForeignKey, String, Text, insert, select
+from sqlalchemy import Column, ForeignKey, String, Table, Text, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import (
@@ -62,6 +62,21 @@ class Book(Base):
     title: Mapped[str] = mapped_column(String(60))
     author: Mapped[Author] = relationship(back_populates="books")
     chapters: Mapped[list[Chapter]] = relationship(back_populates="book", order_by="Chapter.id")
+    genres: Mapped[list[Genre]] = relationship(secondary=lambda: genre_books)
+
+
+genre_books = Table(
+    PREFIX + "genre_books",
+    Base.metadata,
+    Column("genre_id", ForeignKey(PREFIX + "genres.id"), primary_key=True),
+    Column("book_id", ForeignKey(PREFIX + "books.id"), primary_key=True),
+)
+
+
+class Genre(Base):
+    __tablename__ = PREFIX + "genres"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(30))
 
 
 class Chapter(Base):
@@ -108,6 +123,11 @@ def prepare(engine: Engine) -> None:
         conn.execute(
             insert(Note), [{"author_id": a} for a in range(1, AUTHORS + 1) for _ in (1, 2)]
         )
+        conn.execute(insert(Genre), [{"name": g} for g in ("essay", "novel", "poetry")])
+        conn.execute(
+            insert(genre_books),
+            [{"genre_id": b % 3 + 1, "book_id": b} for b in range(1, len(books) + 1)],
+        )
         conn.execute(insert(Tag), [{"author_id": a} for a in range(1, AUTHORS + 1) for _ in (1, 2)])
 
 
@@ -153,6 +173,12 @@ def lazy_many_to_one(engine: Engine) -> None:
     with Session(engine) as session:
         for book in session.scalars(select(Book).order_by(Book.id)):
             assert book.author.name
+
+
+def lazy_many_to_many(engine: Engine) -> None:
+    with Session(engine) as session:
+        for book in session.scalars(select(Book).order_by(Book.id)):
+            assert book.genres
 
 
 def nested_lazy(engine: Engine) -> None:
@@ -397,6 +423,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         (("Book.author", "joinedload(Book.author)"),),
         postgres=True,
     ),
+    Scenario("lazy many-to-many", lazy_many_to_many, (lazy("Book.genres"),), postgres=True),
     Scenario(
         "nested lazy",
         nested_lazy,

@@ -702,3 +702,56 @@ async def test_async_sqlite_corpus_lazy_and_job_loop(
         assert "test_async_sqlite_corpus_lazy_and_job_loop" in found[0]["source"]
     finally:
         await engine.dispose()
+
+
+async def test_async_requests_through_asgi_middleware(
+    registry: CollectorRegistry, logs: LogCapture, tmp_path: Any
+) -> None:
+    """ASGI requests with an AsyncSession: a lazy loop is found under the request's name,
+    and six requests that each load one parent's books stay clean."""
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from sqlprobe.middleware import SqlprobeASGIMiddleware
+
+    seed = create_engine(f"sqlite:///{tmp_path}/corpus.db")
+    corpus.prepare(seed)
+    seed.dispose()
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/corpus.db")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with AsyncSession(engine) as session:
+            if scope["path"] == "/authors":
+                query = select(corpus.Author).order_by(corpus.Author.id)
+                for author in (await session.scalars(query)).all():
+                    assert await author.awaitable_attrs.books
+            else:
+                author = await session.get(corpus.Author, int(scope["path"].rsplit("/")[-1]))
+                assert author is not None and await author.awaitable_attrs.books
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def call(path: str) -> None:
+        sent: list[Any] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": ""}
+        await SqlprobeASGIMiddleware(app)(scope, receive, send)
+        assert sent[0]["status"] == 200
+
+    try:
+        sqlprobe.attach(engine, registry=registry, logger=make_logger(logs))
+        for a in range(1, corpus.AUTHORS + 1):
+            await call(f"/authors/{a}")
+        assert events(logs) == []
+        await call("/authors")
+        found = events(logs)
+        assert [(e["scope"], e["relationship"], e["suggestion"]) for e in found] == [
+            ("GET /authors", "Author.books", "selectinload(Author.books)")
+        ]
+    finally:
+        await engine.dispose()
