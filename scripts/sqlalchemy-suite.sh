@@ -154,8 +154,10 @@ select_path="$root/scripts/sqlalchemy_suite"
 # rerun-attached; a SELECTION file (node ids) restricts the run to those tests.
 run() {
   local name=$1 part=$2 opts=$3 tests=$4 selection=${5:-} start end rc a
-  local -a cmd=("$py" -m pytest -p no:cacheprovider --maxfail=1000000
-    -o junit_family=xunit1 --junitxml="$out/$name-$part.xml")
+  # The other query plugins of the test requirements (queryspy, pytest-queryguard) listen
+  # on every engine and session: kept out, the runs measure SQLAlchemy and sqlprobe only.
+  local -a cmd=("$py" -m pytest -p no:cacheprovider -p no:queryguard -p no:queryspy
+    --maxfail=1000000 -o junit_family=xunit1 --junitxml="$out/$name-$part.xml")
   local -a env=(PYTHONNOUSERSITE=1)
   local pypath=${PYTHONPATH:-}
   # shellcheck disable=SC2206

@@ -1,49 +1,49 @@
-"""sqlprobe's pytest plugin: query budgets, N+1 checks and a statement-count summary.
+"""sqlprobe's pytest plugin: query budgets, N+1 checks, query snapshots, SARIF.
 
 Registered through the ``pytest11`` entry point, so pytest loads it in every run of an
 environment where sqlprobe is installed. It therefore does nothing unless asked: it adds
-its options, ini keys and marker, and defines a fixture; nothing is captured, counted
-or printed until one of these is used.
+its options, ini keys and markers, and defines a fixture; nothing is attached,
+captured, counted or printed until one of these is used (the implementation, in
+``sqlprobe._pytest``, is not even imported).
 
-* ``sqlprobe_capture`` fixture: a :class:`sqlprobe.testing.QueryCapture` of every
-  attached engine, open for the test (and for the fixtures set up after it).
-* ``@pytest.mark.max_queries(N)``: the test fails when its body runs more than ``N``
-  statements (transaction noise excluded), with the numbered list of statements.
+* ``@pytest.mark.sqlprobe(max_queries=3, max_time=0.5, allow_n_plus_one=["User.orders"],
+  n_plus_one="fail", allow_no_queries=False, snapshot=True)``: a per-test budget
+  and N+1 policy. ``@pytest.mark.max_queries(N)`` still works while no other plugin
+  registers a marker of that name (pytest-queryguard does); otherwise sqlprobe warns
+  once and leaves that marker to its owner.
 * ``--sqlprobe-n-plus-one=fail|warn`` (ini ``sqlprobe_n_plus_one``): every test is
   captured; an N+1 detected during it fails it, or emits a :class:`SqlprobeWarning`.
-* ``--sqlprobe-summary`` (ini ``sqlprobe_summary = true``): every test is captured and
-  the session ends with the tests that ran the most statements. The summary is also
-  printed when the N+1 option or the marker is in use, for the tests it captured.
+* ``--sqlprobe-summary`` (ini ``sqlprobe_summary = true``): the session ends with the
+  tests that ran the most statements.
+* ``--sqlprobe-snapshot`` / ``--sqlprobe-snapshot-update``: per-test query snapshots
+  in ``<test module>.sqlprobe.yaml`` beside each test module.
+* ``--sqlprobe-baseline=PATH`` (ini ``sqlprobe_baseline``), ``--sqlprobe-baseline-update``:
+  accepted findings; ``--sqlprobe-sarif=PATH``: every finding as SARIF 2.1.0.
+* ``--sqlprobe-verify-fixes``: a test with an N+1 is run again with the suggested loader
+  option applied, and the outcome is reported per finding.
 
-Only the test's call phase is measured (not fixture setup or teardown), and only
-engines sqlprobe is attached to: attach yours in ``conftest.py`` (a private
-``CollectorRegistry`` keeps tests off the global one), or call ``sqlprobe.attach()``
-without an engine before the engines are created. N+1 detection follows each probe's
-``n_plus_one_threshold`` and unit of work (a ``sqlprobe.scope`` or a transaction).
+Once any of these is on, sqlprobe attaches itself to every engine of the session (see
+``sqlprobe._pytest._session``); each measured test is a unit of work for N+1
+detection. Only the test's call phase is measured (not fixture setup or teardown).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+from ._pytest._policy import LEGACY_MARKER, MARKER, MODES, Settings, marked
+from ._pytest._session import SqlprobeWarning
 
 if TYPE_CHECKING:
     from sqlprobe.testing import QueryCapture
 
 __all__ = ["SqlprobeWarning"]
 
-MARKER = "max_queries"
-MODES = ("fail", "warn", "off")
-#: Tests listed in the end-of-session summary.
-SUMMARY_SIZE = 10
 _PLUGIN_NAME = "sqlprobe-active"
-
-
-class SqlprobeWarning(UserWarning):
-    """An N+1 detected in a test run with ``--sqlprobe-n-plus-one=warn``."""
+_SETTINGS = pytest.StashKey[Settings]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -62,6 +62,50 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="list the tests that ran the most SQL statements at the end of the session.",
     )
+    group.addoption(
+        "--sqlprobe-snapshot",
+        dest="sqlprobe_snapshot",
+        action="store_true",
+        default=None,
+        help="record each test's statement shapes in <module>.sqlprobe.yaml beside the test "
+        "module; fail a test whose queries changed since.",
+    )
+    group.addoption(
+        "--sqlprobe-snapshot-update",
+        dest="sqlprobe_snapshot_update",
+        action="store_true",
+        default=False,
+        help="rewrite the query snapshots of the tests that run.",
+    )
+    group.addoption(
+        "--sqlprobe-baseline",
+        dest="sqlprobe_baseline",
+        metavar="PATH",
+        default=None,
+        help="a file of accepted findings: they neither fail nor warn.",
+    )
+    group.addoption(
+        "--sqlprobe-baseline-update",
+        dest="sqlprobe_baseline_update",
+        action="store_true",
+        default=False,
+        help="write this run's findings to the --sqlprobe-baseline file.",
+    )
+    group.addoption(
+        "--sqlprobe-sarif",
+        dest="sqlprobe_sarif",
+        metavar="PATH",
+        default=None,
+        help="write this run's findings to PATH as SARIF 2.1.0 (code scanning).",
+    )
+    group.addoption(
+        "--sqlprobe-verify-fixes",
+        dest="sqlprobe_verify_fixes",
+        action="store_true",
+        default=False,
+        help="run each test with an N+1 again with the suggested loader option applied, "
+        "and report whether it fixes it.",
+    )
     parser.addini(
         "sqlprobe_n_plus_one", "fail, warn or off: N+1 query patterns in tests.", default="off"
     )
@@ -71,103 +115,92 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type="bool",
         default=False,
     )
+    parser.addini(
+        "sqlprobe_snapshot", "check each test's query snapshot.", type="bool", default=False
+    )
+    parser.addini("sqlprobe_baseline", "the file of accepted sqlprobe findings.", default="")
 
 
+def _foreign_max_queries(config: pytest.Config) -> bool:
+    """Whether something else (another plugin, the ini file) registered ``max_queries``."""
+    for line in config.getini("markers"):
+        name = str(line).split(":", 1)[0].split("(", 1)[0].strip()
+        if name == LEGACY_MARKER:
+            return True
+    return False
+
+
+# trylast: the other plugins' pytest_configure (their markers) has run by then.
+@pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(n): fail the test if it runs more than n SQL statements (sqlprobe).",
+        f"{MARKER}(max_queries=None, max_time=None, allow_n_plus_one=(), n_plus_one=None, "
+        "allow_no_queries=False, snapshot=True): sqlprobe's query budget and N+1 policy "
+        "for the test.",
     )
-    mode = config.getoption("sqlprobe_n_plus_one") or config.getini("sqlprobe_n_plus_one")
-    mode = str(mode or "off").strip().lower()
-    if mode not in MODES:
-        raise pytest.UsageError(f"sqlprobe_n_plus_one must be one of fail, warn, off; got {mode!r}")
-    summary = bool(config.getoption("sqlprobe_summary") or config.getini("sqlprobe_summary"))
-    if mode != "off" or summary:
-        config.pluginmanager.register(_Checks(mode, capture_all=True), _PLUGIN_NAME)
+    legacy = not _foreign_max_queries(config)
+    if legacy:
+        config.addinivalue_line(
+            "markers",
+            f"{LEGACY_MARKER}(n): fail the test if it runs more than n SQL statements "
+            "(sqlprobe; same as @pytest.mark.sqlprobe(max_queries=n)).",
+        )
+    else:
+        config.issue_config_time_warning(
+            SqlprobeWarning(
+                f"another plugin (or the ini file) registers the {LEGACY_MARKER!r} marker, "
+                f"so sqlprobe leaves @pytest.mark.{LEGACY_MARKER} to it; sqlprobe's budget is "
+                f"@pytest.mark.{MARKER}(max_queries=N)"
+            ),
+            stacklevel=2,
+        )
+    settings = Settings.from_config(config, legacy_marker=legacy)
+    config.stash[_SETTINGS] = settings
+    if settings.capture_all or _xdist_controller(config):
+        # A pytest-xdist controller collects nothing (its workers do), so it cannot
+        # wait for a marked test: it gathers whatever the workers' reports carry.
+        _activate(config, settings)
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+
+
+def _activate(config: pytest.Config, settings: Settings) -> None:
+    from ._pytest._session import PluginSession
+
+    plugin = PluginSession(config, settings, attach=not _xdist_controller(config))
+    config.pluginmanager.register(plugin, _PLUGIN_NAME)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.pluginmanager.has_plugin(_PLUGIN_NAME):
         return
-    if any(item.get_closest_marker(MARKER) is not None for item in items):
-        config.pluginmanager.register(_Checks("off", capture_all=False), _PLUGIN_NAME)
+    settings = config.stash.get(_SETTINGS, None)
+    if settings is not None and any(marked(item, settings) for item in items):
+        _activate(config, settings)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    plugin = config.pluginmanager.get_plugin(_PLUGIN_NAME)
+    if plugin is not None:
+        plugin.close()
+        config.pluginmanager.unregister(plugin, _PLUGIN_NAME)
 
 
 @pytest.fixture
-def sqlprobe_capture() -> Iterator[QueryCapture]:
-    """A capture of every attached engine's statements, open for the test."""
+def sqlprobe_capture(request: pytest.FixtureRequest) -> Iterator[QueryCapture]:
+    """A capture of every engine's statements, open for the test.
+
+    Using it turns the plugin on like a marker does: every engine of the session is
+    attached from then on (and those that exist are attached now).
+    """
     from sqlprobe.testing import capture
 
+    config = request.config
+    settings = config.stash.get(_SETTINGS, None)
+    if settings is not None and not config.pluginmanager.has_plugin(_PLUGIN_NAME):
+        _activate(config, settings)
     with capture() as q:
         yield q
-
-
-def _budget(item: pytest.Item) -> int | None:
-    marker = item.get_closest_marker(MARKER)
-    if marker is None:
-        return None
-    value = marker.args[0] if marker.args else marker.kwargs.get("n")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise pytest.UsageError(
-            f"{item.nodeid}: @pytest.mark.{MARKER} takes a non-negative integer, got {value!r}"
-        )
-    return value
-
-
-def _warn_at_source(message: str, source: str, item: pytest.Item) -> None:
-    """Warn as if from the loop's line (``path.py:LINE in fn``), else from the test."""
-    filename, _, rest = source.rpartition(":")
-    line = rest.split(" ", 1)[0]
-    if filename and line.isdigit():
-        warnings.warn_explicit(SqlprobeWarning(message), SqlprobeWarning, filename, int(line))
-        return
-    path, lineno, _ = item.location
-    warnings.warn_explicit(SqlprobeWarning(message), SqlprobeWarning, path, (lineno or 0) + 1)
-
-
-class _Checks:
-    """The active part, registered only when some test asked for it."""
-
-    def __init__(self, mode: str, *, capture_all: bool) -> None:
-        self.mode = mode
-        self.capture_all = capture_all
-        self.counts: list[tuple[int, str]] = []
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, Any, Any]:
-        budget = _budget(item)
-        if budget is None and not self.capture_all:
-            return (yield)
-        from sqlprobe.testing import capture, format_detections
-
-        q = capture()
-        with q:
-            try:
-                result = yield
-            finally:
-                self.counts.append((len(q), item.nodeid))
-        problems = []
-        if budget is not None and len(q) > budget:
-            problems.append(
-                f"{item.nodeid} ran {len(q)} SQL statements, over its budget of {budget} "
-                f"(@pytest.mark.{MARKER}({budget})):\n{q.format()}"
-            )
-        if q.n_plus_one and self.mode == "fail":
-            problems.append(format_detections(q.n_plus_one))
-        elif q.n_plus_one and self.mode == "warn":
-            _warn_at_source(format_detections(q.n_plus_one), q.n_plus_one[0].source, item)
-        if problems:
-            pytest.fail("\n\n".join(problems), pytrace=False)
-        return result
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.counts:
-            return
-        top = sorted(self.counts, key=lambda c: c[0], reverse=True)[:SUMMARY_SIZE]
-        terminalreporter.write_sep("-", "sqlprobe: tests that ran the most SQL statements")
-        width = len(str(top[0][0]))
-        for count, nodeid in top:
-            terminalreporter.write_line(f"{count:>{width}}  {nodeid}")
-        total = sum(c for c, _ in self.counts)
-        terminalreporter.write_line(f"{total} statements in {len(self.counts)} tests")
