@@ -31,6 +31,7 @@ from . import nplusone_corpus as corpus
 from .conftest import make_logger, total
 
 pytestmark = [pytest.mark.smoke, pytest.mark.usefixtures("detach_new_probes")]
+pytest_plugins = ["pytester"]
 
 N_PLUS_ONE = "sqlprobe_n_plus_one_total"
 
@@ -817,3 +818,67 @@ def test_loader_option_parses_only_loader_options() -> None:
         "",
     ):
         assert _nplusone.loader_option(suggestion) is None, suggestion
+
+
+# -- the corpus in tests: per-test units and the pytest plugin ----------------------------------
+
+
+@pytest.mark.parametrize("scenario", corpus.SCENARIOS, ids=lambda s: s.name)
+def test_corpus_in_a_per_test_unit(
+    scenario: corpus.Scenario, registry: CollectorRegistry, logs: LogCapture
+) -> None:
+    """Inside the per-test unit each scenario reports what it must under pytest."""
+    from sqlprobe._core._scope import per_test_unit
+
+    engine = create_engine("sqlite://")
+    corpus.prepare(engine)
+    if scenario.setup is not None:
+        scenario.setup(engine)
+    probe = sqlprobe.attach(engine, registry=registry, logger=make_logger(logs))
+    try:
+        with per_test_unit("tests/test_corpus.py::test_scenario"):
+            scenario.run(engine)
+    finally:
+        probe.detach()
+        engine.dispose()
+    got = sorted((e["relationship"], e["suggestion"]) for e in events(logs))
+    assert got == sorted(scenario.expected_in_test())
+
+
+def test_corpus_under_the_pytest_plugin(pytester: pytest.Pytester) -> None:
+    """With --sqlprobe-n-plus-one=fail, each scenario with an N+1 fails naming it, the
+    clean ones pass: no false positive, none missed, under the plugin's own attach."""
+    pytester.makepyfile(
+        test_corpus="""
+        import pytest
+        from sqlalchemy import create_engine
+
+        from tests import nplusone_corpus as corpus
+
+
+        @pytest.fixture
+        def engine():
+            engine = create_engine("sqlite://")
+            corpus.prepare(engine)
+            yield engine
+            engine.dispose()
+
+
+        @pytest.mark.parametrize("scenario", corpus.SCENARIOS, ids=lambda s: s.name)
+        def test_scenario(scenario, engine):
+            if scenario.setup is not None:
+                scenario.setup(engine)
+            scenario.run(engine)
+        """
+    )
+    from .test_pytest_plugin import INNER
+
+    result = pytester.runpytest(*INNER, "--sqlprobe-n-plus-one=fail")
+    real = [s for s in corpus.SCENARIOS if s.expected_in_test()]
+    result.assert_outcomes(passed=len(corpus.SCENARIOS) - len(real), failed=len(real))
+    out = result.stdout.str()
+    for scenario in real:
+        assert f"FAILED test_corpus.py::test_scenario[{scenario.name}]" in out, scenario.name
+        for name, suggestion in scenario.expected_in_test():
+            if name:
+                assert f"{name}:" in out and suggestion in out, name
