@@ -78,7 +78,8 @@ Then:
 * a refresh of attributes that were expired (``InstanceState.expired_attributes``,
   typically every object after ``commit()``): ``expire_on_commit=False`` or a
   re-query, since no loader option helps objects that are already loaded;
-* a refresh of deferred columns: ``undefer(User.bio)`` (chained along the load path);
+* a refresh of deferred columns: ``undefer(User.bio)`` (chained along the load path;
+  ``load_only()`` with the columns needed is the other fix);
 * an ORM SELECT whose WHERE clause is the parent criterion of a ``dynamic`` or
   ``write_only`` relationship (compared structurally, values aside, with the
   relationship's lazy clause): that relationship, with a one-query fix, since such
@@ -95,7 +96,6 @@ never reports one twice per scope and shape (the report happens when the count
 
 from __future__ import annotations
 
-import re
 import sys
 import weakref
 from collections.abc import Callable
@@ -115,7 +115,6 @@ __all__ = [
     "Detector",
     "classify",
     "describe_path",
-    "loader_option",
 ]
 
 #: Shapes counted per unit of work (scope, Session or transaction) per engine.
@@ -240,11 +239,9 @@ def _refresh(state: Any, options: Any) -> Cause:
     undefer = ", ".join(f"undefer({holder}.{k})" for k in keys)
     if prefix:
         undefer = ".".join([*prefix, *(f"undefer({holder}.{k})" for k in keys)])
-    return Cause(
-        "deferred",
-        f"{holder}.{keys[0]}",
-        f"{undefer} (or load_only() with the columns needed)",
-    )
+    # A bare loader option, so that it can be applied as it is (verify-fixes);
+    # load_only() is the other fix, named in the docs.
+    return Cause("deferred", f"{holder}.{keys[0]}", undefer)
 
 
 def _dynamic(context: Any) -> Cause:
@@ -308,62 +305,6 @@ def classify(context: Any) -> Cause:
         return _dynamic(context)
     except Exception:
         return REPEAT
-
-
-#: One step of a loader-option suggestion: ``selectinload(User.orders)``.
-_STEP = re.compile(r"(selectinload|joinedload|subqueryload|undefer)\((\w+)\.(\w+)\)")
-
-
-def loader_option(suggestion: str) -> tuple[type, Any] | None:
-    """The root class and the loader option a suggestion names, or None.
-
-    For whoever applies a fix to check it (the pytest plugin's verify-fixes): parses
-    ``selectinload(User.orders).selectinload(Order.items)``, ``joinedload(Order.user)``
-    or ``undefer(User.bio)`` (a trailing ``(or ...)`` remark is ignored) without
-    ``eval``, finds the classes by name among the mapped classes of every SQLAlchemy
-    registry, and builds the option. The option applies to ORM SELECTs whose root
-    entity is the returned class. None for suggestions that are no loader option
-    (expired objects, dynamic relationships, plain repeats) and for class names that
-    are unknown or ambiguous.
-    """
-    text = suggestion.split(" (", 1)[0].strip()
-    steps = []
-    rest = text
-    while rest:
-        match = _STEP.match(rest)
-        if match is None:
-            return None
-        steps.append(match.groups())
-        rest = rest[match.end() :]
-        if rest.startswith("."):
-            rest = rest[1:]
-        elif rest:
-            return None
-    if not steps:
-        return None
-    from sqlalchemy import orm
-    from sqlalchemy.orm import mapperlib
-
-    classes: dict[str, list[type]] = {}
-    for registry in list(mapperlib._mapper_registries):
-        for mapper in registry.mappers:
-            classes.setdefault(mapper.class_.__name__, []).append(mapper.class_)
-    option: Any = None
-    root: type | None = None
-    for loader, cls_name, key in steps:
-        found = classes.get(cls_name, [])
-        if len(found) != 1:
-            return None
-        attribute = getattr(found[0], key, None)
-        if attribute is None:
-            return None
-        if option is None:
-            root = found[0]
-            option = getattr(orm, loader)(attribute)
-        else:
-            option = getattr(option, loader)(attribute)
-    assert root is not None
-    return root, option
 
 
 class Detector:
