@@ -38,12 +38,13 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import bindparam, create_engine, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session
 from sqlalchemy.pool import QueuePool
@@ -186,6 +187,92 @@ def _otel_instrumentation(provider: Any, commenter: bool) -> Callable[[Any], Tea
     return setup
 
 
+#: Per-engine ``do_orm_execute`` listeners for the Sessions of the ORM modes.
+_SESSION_LISTENERS: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _default_orm_listener(engine: Any) -> Teardown:
+    """Defaults plus an empty ``do_orm_execute`` listener: what naming cost before.
+
+    The listener goes on this variant's Session only (``_SESSION_LISTENERS``, read by the ORM
+    modes of :func:`per_statement`): on the Session class it would slow every variant.
+    """
+    teardown = _default(engine)
+
+    def listener(state: Any) -> None:
+        pass
+
+    _SESSION_LISTENERS[engine] = listener
+    return teardown
+
+
+def orm_unit_step(rounds: int, batch: int) -> str:
+    """The N+1 unit step alone, called on a real ORM primary-key statement's context.
+
+    The loop tables above carry the machine's noise (tens of µs per round when other
+    work shares the cores); this times the detector's own per-statement work in the
+    state of the primary-key loop (a Session unit, the shape already reported), against
+    an empty call with the same arguments, in interleaved rounds of thread CPU time.
+    """
+    import structlog
+
+    engine = create_engine("sqlite://")
+    _fill(engine)
+    quiet = structlog.wrap_logger(structlog.ReturnLogger())
+    probe = sqlprobe.attach(engine, registry=CollectorRegistry(), logger=quiet)
+    seen: list[tuple[Any, Any, Any]] = []
+
+    def grab(conn: Any, cursor: Any, statement: Any, params: Any, context: Any, many: Any) -> None:
+        seen.append((statement, context, params))
+
+    session = Session(engine)
+    query = select(Item).where(Item.id == bindparam("id"))
+    for i in range(1, 11):  # past both thresholds: the steady state of the loop
+        session.execute(query, {"id": i}).scalars().all()
+    event.listen(engine, "after_cursor_execute", grab)
+    session.execute(query, {"id": 11}).scalars().all()
+    event.remove(engine, "after_cursor_execute", grab)
+    statement, context, params = seen[-1]
+    collector = probe.collector
+    assert collector is not None and collector.unit is not None
+    unit = collector.unit
+    shape = collector._cache[statement][0]
+
+    def empty(shape: Any, statement: Any, context: Any, parameters: Any) -> None:
+        pass
+
+    samples: dict[str, list[float]] = {"unit": [], "empty": []}
+    clock = time.thread_time
+    for _ in range(rounds):
+        for name, fn in (("unit", unit), ("empty", empty)):
+            start = clock()
+            for _ in range(batch):
+                fn(shape, statement, context, params)
+            samples[name].append((clock() - start) / batch)
+    session.close()
+    probe.detach()
+    engine.dispose()
+    added = statistics.median(a - b for a, b in zip(samples["unit"], samples["empty"], strict=True))
+    return (
+        f"The N+1 unit step alone on an ORM primary-key statement's context (a Session "
+        f"unit, steady state; {rounds}×{batch} calls against an empty call): "
+        f"**{added * 1e6:+.2f} µs** per statement."
+    )
+
+
+def orm_variants() -> list[Variant]:
+    """The ORM section's variants: N+1 detection's own cost on the ORM path."""
+    return [
+        Variant("bare", _bare),
+        Variant("sqlprobe metrics only", _metrics_only),
+        Variant("sqlprobe + pool/tx metrics", _metrics_pool),
+        Variant("sqlprobe defaults (+ N+1)", _default),
+        Variant("defaults + an empty do_orm_execute listener", _default_orm_listener),
+    ]
+
+
 def variants(with_otel: bool) -> list[Variant]:
     out = [
         Variant("bare", _bare),
@@ -240,10 +327,29 @@ def _fill(engine: Engine) -> None:
         conn.execute(items.insert(), [{"id": i, "name": f"n{i}"} for i in range(1, 101)])
 
 
+def _session(engine: Engine) -> Session:
+    session = Session(engine)
+    listener = _SESSION_LISTENERS.get(engine)
+    if listener is not None:
+        event.listen(session, "do_orm_execute", listener)
+    return session
+
+
 def per_statement(
-    url: str, vs: list[Variant], *, mode: str, rounds: int, batch: int, parent: Any = None
+    url: str,
+    vs: list[Variant],
+    *,
+    mode: str,
+    rounds: int,
+    batch: int,
+    parent: Any = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[Series]:
-    """Median seconds per statement for each variant, interleaved round by round."""
+    """Median seconds per statement for each variant, interleaved round by round.
+
+    ``clock`` is wall time by default; the ORM section passes the thread's CPU time,
+    which other processes on a loaded machine do not inflate.
+    """
     in_memory = url == "sqlite://"
     if not in_memory:
         seed = create_engine(url)
@@ -265,13 +371,25 @@ def per_statement(
 
             close: Callable[[], None] = conn.close
         elif mode == "orm":
-            session = Session(engine)
+            session = _session(engine)
 
             def run(n: int, session: Session = session) -> None:
                 execute = session.execute
                 for _ in range(n):
                     execute(ORM_QUERY).scalars().all()
                     session.expunge_all()
+
+            close = session.close
+        elif mode == "orm-pk":
+            # The ORM primary-key loop of an application: one Session, a different id
+            # each time (the rows stay in the identity map; execute() still runs SQL).
+            session = _session(engine)
+            query = select(Item).where(Item.id == bindparam("id"))
+
+            def run(n: int, session: Session = session, query: Any = query) -> None:
+                execute = session.execute
+                for i in range(n):
+                    execute(query, {"id": i % 100 + 1}).scalars().all()
 
             close = session.close
         elif mode == "checkout":
@@ -295,7 +413,7 @@ def per_statement(
 
         runners.append((v, run, done))
     results = {v.name: Series(v.name) for v in vs}
-    perf = time.perf_counter
+    perf = clock
     gc.disable()
     try:
         for r in range(rounds):
@@ -773,7 +891,7 @@ def throughput(url: str, seconds: float, pairs: int) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("statements", "request", "async", "fp", "scrape", "memory", "threads")
+SECTIONS = ("statements", "orm", "request", "async", "fp", "scrape", "memory", "threads")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -859,6 +977,33 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
         )
+    if "orm" not in skip:
+        # N+1 detection on the ORM path (issue 16): defaults against metrics only, and
+        # the empty do_orm_execute listener that naming the relationship used to need.
+        emit("### ORM loops, N+1 detection's cost (no parent span; thread CPU time)")
+        ovs = orm_variants()
+        orounds, obatch = (7, 100) if q else (101, 200)
+        for title, mode in (
+            ("primary-key loop, a new id each time, one Session", "orm-pk"),
+            ("one primary key, expunge_all() after each", "orm"),
+        ):
+            rows = per_statement(
+                "sqlite://", ovs, mode=mode, rounds=orounds, batch=obatch, clock=time.thread_time
+            )
+            by = {r.name: r for r in rows}
+            metrics, defaults = by["sqlprobe metrics only"], by["sqlprobe defaults (+ N+1)"]
+            pool = by["sqlprobe + pool/tx metrics"]
+            listener = by["defaults + an empty do_orm_execute listener"]
+            emit(
+                table(f"SQLite in-memory, ORM {title} ({orounds}×{obatch})", rows)
+                + "\n\n"
+                + f"Paired per round, per statement: defaults over metrics only "
+                f"**{_paired(defaults, metrics) * 1e6:+.2f} µs** (target ≤ +3 µs); "
+                f"N+1 detection alone (defaults over pool/tx metrics) "
+                f"{_paired(defaults, pool) * 1e6:+.2f} µs; an empty do_orm_execute "
+                f"listener on top of the defaults {_paired(listener, defaults) * 1e6:+.2f} µs."
+            )
+        emit(orm_unit_step(orounds, 2000))
     if "request" not in skip:
         # sqlprobe's variants and the instrumentation, as an application would run them.
         keep = {

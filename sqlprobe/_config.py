@@ -107,6 +107,7 @@ class Options:
     slow_query_threshold: float
     capture_parameters: bool
     n_plus_one_threshold: int
+    n_plus_one_relationship_threshold: int
     max_fingerprints: int
     sqlcommenter: SqlcommenterMode
     explain: bool
@@ -422,6 +423,11 @@ def build_options(kwargs: Mapping[str, Any], environ: Mapping[str, str] | None =
         ),
         n_plus_one_threshold=_check_int(
             "n_plus_one_threshold", kwargs.get("n_plus_one_threshold", 5), minimum=0
+        ),
+        n_plus_one_relationship_threshold=_check_int(
+            "n_plus_one_relationship_threshold",
+            kwargs.get("n_plus_one_relationship_threshold", 2),
+            minimum=2,
         ),
         max_fingerprints=_check_int(
             "max_fingerprints",

@@ -322,6 +322,7 @@ class Probe:
                 detector = Detector(
                     ctx,
                     options.n_plus_one_threshold,
+                    relationship_threshold=options.n_plus_one_relationship_threshold,
                     count=series.detected,
                     listeners=_state.detection_listeners,
                 )
@@ -522,6 +523,7 @@ def attach(
     slow_query_threshold: float | None = None,
     capture_parameters: bool | None = None,
     n_plus_one_threshold: int = 5,
+    n_plus_one_relationship_threshold: int = 2,
     max_fingerprints: int = 500,
     sqlcommenter: bool | str = False,
     explain: bool = False,
@@ -554,6 +556,7 @@ def attach(
         "meter_provider": meter_provider,
         "logger": logger,
         "n_plus_one_threshold": n_plus_one_threshold,
+        "n_plus_one_relationship_threshold": n_plus_one_relationship_threshold,
         "max_fingerprints": max_fingerprints,
         "sqlcommenter": sqlcommenter,
         "explain": explain,

@@ -1,4 +1,4 @@
-"""N+1 detection: once per unit of work and shape, relationship named, suggestion given."""
+"""N+1 detection: once per unit of work and shape, the cause named, the fix that fits it."""
 
 from __future__ import annotations
 
@@ -27,9 +27,11 @@ from sqlprobe._analysis import _nplusone
 from sqlprobe._hooks import _orm
 from sqlprobe._scenario import Base, Order, User, seed
 
+from . import nplusone_corpus as corpus
 from .conftest import make_logger, total
 
 pytestmark = [pytest.mark.smoke, pytest.mark.usefixtures("detach_new_probes")]
+pytest_plugins = ["pytester"]
 
 N_PLUS_ONE = "sqlprobe_n_plus_one_total"
 
@@ -64,7 +66,7 @@ def touch_orders(session: Session, limit: int | None = None, eager: bool = False
 def test_lazy_loop_detected_once_naming_relationship(
     demo_engine: Engine, registry: CollectorRegistry, logs: LogCapture
 ) -> None:
-    """20 users touching lazy User.orders: detected once, named, selectinload suggested."""
+    """20 users touching lazy User.orders: detected once at the 2nd parent, in the Session."""
     sqlprobe.attach(demo_engine, registry=registry, logger=make_logger(logs))
     with Session(demo_engine) as session:
         assert touch_orders(session) == 60
@@ -73,8 +75,8 @@ def test_lazy_loop_detected_once_naming_relationship(
     event_ = found[0]
     assert event_["relationship"] == "User.orders"
     assert event_["suggestion"] == "selectinload(User.orders)"
-    assert event_["count"] == 5
-    assert event_["scope"] == "transaction"
+    assert event_["count"] == 2
+    assert event_["scope"] == "session"
     assert event_["log_level"] == "warning"
     assert "sqlprobe_demo_orders" in event_["statement"]
     assert event_["source"].startswith("tests/test_nplusone.py:")
@@ -98,9 +100,9 @@ def test_selectinload_not_flagged(
 
 
 @pytest.mark.parametrize(
-    ("threshold", "users", "expected"), [(5, 4, 0), (5, 5, 1), (3, 2, 0), (3, 3, 1)]
+    ("threshold", "users", "expected"), [(2, 1, 0), (2, 2, 1), (3, 2, 0), (3, 3, 1)]
 )
-def test_threshold_edges(
+def test_relationship_threshold_edges(
     demo_engine: Engine,
     registry: CollectorRegistry,
     logs: LogCapture,
@@ -108,14 +110,46 @@ def test_threshold_edges(
     users: int,
     expected: int,
 ) -> None:
-    """n-1 repeats of a shape are not an N+1; n repeats are, exactly once."""
+    """A lazy load for n-1 parents is no N+1; for n parents it is, exactly once."""
     sqlprobe.attach(
-        demo_engine, registry=registry, logger=make_logger(logs), n_plus_one_threshold=threshold
+        demo_engine,
+        registry=registry,
+        logger=make_logger(logs),
+        n_plus_one_relationship_threshold=threshold,
     )
     with Session(demo_engine) as session:
         touch_orders(session, limit=users)
     assert len(events(logs)) == expected
     assert total(registry, N_PLUS_ONE) == expected
+
+
+@pytest.mark.parametrize(
+    ("threshold", "repeats", "expected"), [(5, 4, 0), (5, 5, 1), (3, 2, 0), (3, 3, 1)]
+)
+def test_plain_threshold_edges(
+    demo_engine: Engine,
+    registry: CollectorRegistry,
+    logs: LogCapture,
+    threshold: int,
+    repeats: int,
+    expected: int,
+) -> None:
+    """A plain repeated SELECT shape is an N+1 at n_plus_one_threshold repeats, not before."""
+    sqlprobe.attach(
+        demo_engine, registry=registry, logger=make_logger(logs), n_plus_one_threshold=threshold
+    )
+    with Session(demo_engine) as session:  # session.get per id: no relationship involved
+        for i in range(1, repeats + 1):
+            assert session.get(User, i) is not None
+    assert len(events(logs)) == expected
+    assert [e["relationship"] for e in events(logs)] == [""] * expected
+
+
+@pytest.mark.parametrize("bad", [1, 0, True, "2", 2.0])
+def test_relationship_threshold_validated_at_attach(demo_engine: Engine, bad: Any) -> None:
+    """n_plus_one_relationship_threshold must be an integer of at least 2."""
+    with pytest.raises(ValueError, match="n_plus_one_relationship_threshold"):
+        sqlprobe.attach(demo_engine, n_plus_one_relationship_threshold=bad)
 
 
 def test_eager_batches_are_not_reported(registry: CollectorRegistry, logs: LogCapture) -> None:
@@ -158,13 +192,12 @@ def test_explicit_scope_names_the_unit_of_work(
     with Session(demo_engine) as session:
         users = session.scalars(select(User).order_by(User.id)).all()
         with sqlprobe.scope("GET /users"):
-            for user in users[:5]:
+            for user in users[:2]:
                 assert user.orders
-        # Same session and transaction, but each scope counts on its own: 4 + 4 < 5.
-        for start in (5, 9):
+        # Same Session, but each scope counts on its own (innermost): 1 + 1 < 2.
+        for start in (5, 6):
             with sqlprobe.scope("batch"):
-                for user in users[start : start + 4]:
-                    assert user.orders
+                assert users[start].orders
     found = events(logs)
     assert [(e["scope"], e["relationship"]) for e in found] == [("GET /users", "User.orders")]
 
@@ -304,7 +337,7 @@ def test_threshold_zero_installs_nothing(demo_engine: Engine, registry: Collecto
 
 
 def test_orm_listener_removed_with_last_probe(registry: CollectorRegistry) -> None:
-    """The Session-class listener lives while a probe detects N+1; detach or GC ends it."""
+    """The Session-class after_begin listener lives while a probe detects N+1; detach ends it."""
     gc.collect()  # engines other tests dropped without detach() release their share
     _state.run_deferred()  # (at the next safe point: attach, detach or a scrape)
     base = _state._orm_users
@@ -312,13 +345,13 @@ def test_orm_listener_removed_with_last_probe(registry: CollectorRegistry) -> No
     first = sqlprobe.attach(one, registry=registry, name="one")
     second = sqlprobe.attach(two, registry=registry, name="two")
     assert _state._orm_users == base + 2
-    assert event.contains(Session, "do_orm_execute", _orm._on_orm_execute)
+    assert event.contains(Session, "after_begin", _orm._on_after_begin)
     first.detach()
-    assert event.contains(Session, "do_orm_execute", _orm._on_orm_execute)
+    assert event.contains(Session, "after_begin", _orm._on_after_begin)
     second.detach()
     assert _state._orm_users == base
     if base == 0:
-        assert not event.contains(Session, "do_orm_execute", _orm._on_orm_execute)
+        assert not event.contains(Session, "after_begin", _orm._on_after_begin)
     three = create_engine("sqlite://")
     sqlprobe.attach(three, registry=registry, name="three")
     assert _state._orm_users == base + 1
@@ -453,3 +486,393 @@ async def test_async_session_explicit_scope_and_edge(
             await session.execute(query, {"n": 4})
     found = events(logs)
     assert [(e["scope"], e["count"]) for e in found] == [("job", 5)]
+
+
+# -- the corpus ------------------------------------------------------------------------------
+
+
+def run_scenario(
+    scenario: corpus.Scenario, engine: Engine, registry: CollectorRegistry, logs: LogCapture
+) -> list[dict[str, Any]]:
+    corpus.prepare(engine)
+    if scenario.setup is not None:
+        scenario.setup(engine)
+    probe = sqlprobe.attach(engine, registry=registry, logger=make_logger(logs))
+    try:
+        scenario.run(engine)
+    finally:
+        probe.detach()
+    return events(logs)
+
+
+def check_scenario(scenario: corpus.Scenario, found: list[dict[str, Any]]) -> None:
+    got = sorted((e["relationship"], e["suggestion"]) for e in found)
+    assert got == sorted(scenario.expected), scenario.name
+    if scenario.scope is not None:
+        assert {e["scope"] for e in found} == {scenario.scope}
+    for e in found:
+        assert e["source"].startswith("tests/nplusone_corpus.py:"), e["source"]
+
+
+@pytest.mark.parametrize("scenario", corpus.SCENARIOS, ids=lambda s: s.name)
+def test_corpus_sqlite(
+    scenario: corpus.Scenario, registry: CollectorRegistry, logs: LogCapture
+) -> None:
+    """Each corpus scenario on SQLite: every real N+1 found with its fix, clean ones clean."""
+    engine = create_engine("sqlite://")
+    try:
+        check_scenario(scenario, run_scenario(scenario, engine, registry, logs))
+        assert total(registry, N_PLUS_ONE) == len(scenario.expected)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "scenario", [s for s in corpus.SCENARIOS if s.postgres], ids=lambda s: s.name
+)
+def test_corpus_postgres(
+    scenario: corpus.Scenario, pg_engine: Engine, registry: CollectorRegistry, logs: LogCapture
+) -> None:
+    """The PostgreSQL subset of the corpus reports what it does on SQLite."""
+    try:
+        check_scenario(scenario, run_scenario(scenario, pg_engine, registry, logs))
+    finally:
+        corpus.Base.metadata.drop_all(pg_engine)
+
+
+def test_corpus_size() -> None:
+    """The corpus holds at least the issue's 14 real and 11 clean scenarios."""
+    real = [s for s in corpus.SCENARIOS if s.expected]
+    clean = [s for s in corpus.SCENARIOS if not s.expected]
+    assert len(real) >= 14 and len(clean) >= 11
+    assert len({s.name for s in corpus.SCENARIOS}) == len(corpus.SCENARIOS)
+
+
+# -- units of work ---------------------------------------------------------------------------
+
+
+def test_no_listener_on_orm_executions(demo_engine: Engine, registry: CollectorRegistry) -> None:
+    """With detection on, sqlprobe adds no do_orm_execute listener (naming costs nothing)."""
+    sqlprobe.attach(demo_engine, registry=registry)
+    ours = [
+        fn
+        for fn in Session(demo_engine).dispatch.do_orm_execute
+        if getattr(fn, "__module__", "").startswith("sqlprobe")
+    ]
+    assert ours == []
+    assert event.contains(Session, "after_begin", _orm._on_after_begin)
+
+
+def test_session_unit_spans_commits_and_ends_at_close(
+    demo_engine: Engine, registry: CollectorRegistry, logs: LogCapture
+) -> None:
+    """One lazy load before and one after a commit add up; a closed Session starts anew."""
+    sqlprobe.attach(demo_engine, registry=registry, logger=make_logger(logs))
+    with Session(demo_engine, expire_on_commit=False) as session:
+        users = session.scalars(select(User).order_by(User.id).limit(4)).all()
+        assert users[0].orders
+        session.close()  # the unit ends here: the next load is the first of a new one
+        session.add_all(users[1:])
+        assert users[1].orders
+        assert events(logs) == []
+        session.commit()
+        assert users[2].orders  # another transaction, the same Session
+    found = events(logs)
+    assert [(e["scope"], e["relationship"], e["count"]) for e in found] == [
+        ("session", "User.orders", 2)
+    ]
+
+
+def test_closed_session_on_external_connection_falls_back_to_transaction(
+    demo_engine: Engine, registry: CollectorRegistry, logs: LogCapture
+) -> None:
+    """Once a Session bound to a test's connection is closed, that connection's own
+    statements count in its transaction again, not in the closed Session."""
+    sqlprobe.attach(demo_engine, registry=registry, logger=make_logger(logs))
+    query = text("SELECT id FROM sqlprobe_demo_orders WHERE user_id = :u")
+    with demo_engine.connect() as conn:
+        with Session(bind=conn, join_transaction_mode="create_savepoint") as session:
+            assert session.get(User, 1) is not None
+            conn.execute(query, {"u": 1})
+        for u in range(2, 7):
+            conn.execute(query, {"u": u})
+    assert [(e["scope"], e["count"]) for e in events(logs)] == [("transaction", 5)]
+
+
+def test_session_counts_do_not_keep_sessions_alive(
+    demo_engine: Engine, registry: CollectorRegistry
+) -> None:
+    """The connection holds its Session weakly; the counts live on the identity map."""
+    import weakref
+
+    sqlprobe.attach(demo_engine, registry=registry)
+    session = Session(demo_engine)
+    touch_orders(session, limit=3)
+    held = weakref.ref(session)
+    session.close()
+    del session
+    gc.collect()
+    assert held() is None
+
+
+def test_test_unit_spans_sessions_and_keeps_requests_innermost(
+    demo_engine: Engine, registry: CollectorRegistry, logs: LogCapture
+) -> None:
+    """A per-test unit adds up loads across Sessions; request scopes inside count alone."""
+    from sqlprobe._core._scope import per_test_unit
+
+    sqlprobe.attach(demo_engine, registry=registry, logger=make_logger(logs))
+    engine = demo_engine
+    corpus_engine = create_engine("sqlite://")
+    corpus.prepare(corpus_engine)
+    sqlprobe.attach(corpus_engine, registry=registry, logger=make_logger(logs), name="corpus")
+    try:
+        with per_test_unit("tests/test_x.py::test_requests"):
+            corpus.six_clean_requests(corpus_engine)  # 6 requests, each its own unit
+            assert events(logs) == []
+            corpus.one_lazy_load_per_session(corpus_engine)  # the test is the unit
+        found = events(logs)  # the lazy loads at the 2nd Session, the gets at the 5th
+        assert [(e["scope"], e["relationship"]) for e in found] == [
+            ("tests/test_x.py::test_requests", "Author.books"),
+            ("tests/test_x.py::test_requests", ""),
+        ]
+        corpus.one_lazy_load_per_session(corpus_engine)  # no test unit: one per Session
+        assert len(events(logs)) == 2
+    finally:
+        corpus_engine.dispose()
+    del engine
+
+
+def test_describe_path_chains_loader_options() -> None:
+    """A loader path gives the last relationship's name and options chained from the root."""
+    from sqlalchemy import inspect
+
+    path = inspect(User)._path_registry[User.orders.property][inspect(Order)][Order.user.property]
+    assert _nplusone.describe_path(path) == (
+        "Order.user",
+        "selectinload(User.orders).joinedload(Order.user)",
+    )
+    assert _nplusone.describe_path(()) == ("", "")
+
+
+def test_classify_core_statement_is_a_plain_repeat(sqlite_engine: Engine) -> None:
+    """A Core statement has no ORM load options: a plain repeat, at n_plus_one_threshold."""
+    seen: list[Any] = []
+
+    @event.listens_for(sqlite_engine, "after_cursor_execute")
+    def grab(*args: Any) -> None:
+        seen.append(_nplusone.classify(args[4]))
+
+    with sqlite_engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    assert seen == [_nplusone.REPEAT]
+    assert not seen[0].per_parent
+
+
+# -- async -------------------------------------------------------------------------------------
+
+
+async def test_async_sqlite_corpus_lazy_and_job_loop(
+    registry: CollectorRegistry, logs: LogCapture, tmp_path: Any
+) -> None:
+    """AsyncSession: a lazy collection awaited per row, and a job loop committing per item."""
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    seed = create_engine(f"sqlite:///{tmp_path}/corpus.db")
+    corpus.prepare(seed)
+    seed.dispose()
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/corpus.db")
+    try:
+        sqlprobe.attach(engine, registry=registry, logger=make_logger(logs))
+        async with AsyncSession(engine) as session:
+            for author in (await session.scalars(select(corpus.Author))).all():
+                assert await author.awaitable_attrs.books
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            query = select(corpus.Author).order_by(corpus.Author.id).limit(3)
+            for author in (await session.scalars(query)).all():
+                notes = await session.scalars(author.tags.select())
+                session.add(corpus.Log(line=str(len(notes.all()))))
+                await session.commit()
+        found = events(logs)
+        assert [(e["scope"], e["relationship"]) for e in found] == [
+            ("session", "Author.books"),
+            ("session", "Author.tags"),
+        ]
+        assert found[0]["suggestion"] == "selectinload(Author.books)"
+        assert "test_async_sqlite_corpus_lazy_and_job_loop" in found[0]["source"]
+    finally:
+        await engine.dispose()
+
+
+async def test_async_requests_through_asgi_middleware(
+    registry: CollectorRegistry, logs: LogCapture, tmp_path: Any
+) -> None:
+    """ASGI requests with an AsyncSession: a lazy loop is found under the request's name,
+    and six requests that each load one parent's books stay clean."""
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from sqlprobe.middleware import SqlprobeASGIMiddleware
+
+    seed = create_engine(f"sqlite:///{tmp_path}/corpus.db")
+    corpus.prepare(seed)
+    seed.dispose()
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/corpus.db")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with AsyncSession(engine) as session:
+            if scope["path"] == "/authors":
+                query = select(corpus.Author).order_by(corpus.Author.id)
+                for author in (await session.scalars(query)).all():
+                    assert await author.awaitable_attrs.books
+            else:
+                author = await session.get(corpus.Author, int(scope["path"].rsplit("/")[-1]))
+                assert author is not None and await author.awaitable_attrs.books
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def call(path: str) -> None:
+        sent: list[Any] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": ""}
+        await SqlprobeASGIMiddleware(app)(scope, receive, send)
+        assert sent[0]["status"] == 200
+
+    try:
+        sqlprobe.attach(engine, registry=registry, logger=make_logger(logs))
+        for a in range(1, corpus.AUTHORS + 1):
+            await call(f"/authors/{a}")
+        assert events(logs) == []
+        await call("/authors")
+        found = events(logs)
+        assert [(e["scope"], e["relationship"], e["suggestion"]) for e in found] == [
+            ("GET /authors", "Author.books", "selectinload(Author.books)")
+        ]
+    finally:
+        await engine.dispose()
+
+
+# -- fixes, applied -----------------------------------------------------------------------------
+
+
+def _is_loader_option(suggestion: str) -> bool:
+    """Whether the pytest plugin's verify-fixes can apply the suggestion as it is."""
+    from sqlprobe._pytest._verify import build_option
+
+    try:
+        build_option(suggestion)
+    except LookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [s for s in corpus.SCENARIOS if any(_is_loader_option(x[1]) for x in s.expected)],
+    ids=lambda s: s.name,
+)
+def test_suggested_loader_options_remove_the_n_plus_one(
+    scenario: corpus.Scenario, registry: CollectorRegistry, logs: LogCapture
+) -> None:
+    """Each loader-option fix the corpus gets, applied to its root query, removes that N+1."""
+    gc.collect()  # mapped classes of earlier tests' dropped registries: not ambiguous
+    engine = create_engine("sqlite://")
+    found = run_scenario(scenario, engine, registry, logs)
+    from sqlprobe._pytest._verify import build_option
+
+    fixes = {
+        e["relationship"]: build_option(e["suggestion"])
+        for e in found
+        if _is_loader_option(e["suggestion"])
+    }
+    assert fixes
+    logs.entries.clear()
+
+    def apply(state: Any) -> None:
+        if not state.is_select or state.is_relationship_load:
+            return
+        entity = state.statement.column_descriptions[0].get("entity")
+        for root, option in fixes.values():
+            if entity is root:
+                state.statement = state.statement.options(option)
+
+    probe = sqlprobe.attach(engine, registry=CollectorRegistry(), logger=make_logger(logs))
+    event.listen(Session, "do_orm_execute", apply)
+    try:
+        scenario.run(engine)
+    finally:
+        event.remove(Session, "do_orm_execute", apply)
+        probe.detach()
+        engine.dispose()
+    left = {e["relationship"] for e in events(logs)}
+    assert not (left & set(fixes)), left
+
+
+# -- the corpus in tests: per-test units and the pytest plugin ----------------------------------
+
+
+@pytest.mark.parametrize("scenario", corpus.SCENARIOS, ids=lambda s: s.name)
+def test_corpus_in_a_per_test_unit(
+    scenario: corpus.Scenario, registry: CollectorRegistry, logs: LogCapture
+) -> None:
+    """Inside the per-test unit each scenario reports what it must under pytest."""
+    from sqlprobe._core._scope import per_test_unit
+
+    engine = create_engine("sqlite://")
+    corpus.prepare(engine)
+    if scenario.setup is not None:
+        scenario.setup(engine)
+    probe = sqlprobe.attach(engine, registry=registry, logger=make_logger(logs))
+    try:
+        with per_test_unit("tests/test_corpus.py::test_scenario"):
+            scenario.run(engine)
+    finally:
+        probe.detach()
+        engine.dispose()
+    got = sorted((e["relationship"], e["suggestion"]) for e in events(logs))
+    assert got == sorted(scenario.expected_in_test())
+
+
+def test_corpus_under_the_pytest_plugin(pytester: pytest.Pytester) -> None:
+    """With --sqlprobe-n-plus-one=fail, each scenario with an N+1 fails naming it, the
+    clean ones pass: no false positive, none missed, under the plugin's own attach."""
+    pytester.makepyfile(
+        test_corpus="""
+        import pytest
+        from sqlalchemy import create_engine
+
+        from tests import nplusone_corpus as corpus
+
+
+        @pytest.fixture
+        def engine():
+            engine = create_engine("sqlite://")
+            corpus.prepare(engine)
+            yield engine
+            engine.dispose()
+
+
+        @pytest.mark.parametrize("scenario", corpus.SCENARIOS, ids=lambda s: s.name)
+        def test_scenario(scenario, engine):
+            if scenario.setup is not None:
+                scenario.setup(engine)
+            scenario.run(engine)
+        """
+    )
+    from .test_pytest_plugin import INNER
+
+    result = pytester.runpytest(*INNER, "--sqlprobe-n-plus-one=fail")
+    real = [s for s in corpus.SCENARIOS if s.expected_in_test()]
+    result.assert_outcomes(passed=len(corpus.SCENARIOS) - len(real), failed=len(real))
+    out = result.stdout.str()
+    for scenario in real:
+        assert f"FAILED test_corpus.py::test_scenario[{scenario.name}]" in out, scenario.name
+        for name, suggestion in scenario.expected_in_test():
+            if name:
+                assert f"{name}:" in out and suggestion in out, name

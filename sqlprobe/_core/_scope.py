@@ -5,6 +5,22 @@ everything sqlprobe reports while it is open: N+1 detection counts repeats per s
 the slow-query log and sqlcommenter's ``route``/``controller``/``action`` read it. It
 lives in a ``ContextVar``, so it follows threads and asyncio tasks (and SQLAlchemy's
 greenlets, which inherit the context of the task that started them).
+
+Units of work for N+1 detection
+-------------------------------
+The N+1 detector counts repeats per unit of work, the innermost of:
+
+1. an open scope: :func:`sqlprobe.scope`, the middleware's request scope, or the
+   per-test unit of :func:`per_test_unit` (a scope opened inside another one is innermost,
+   so requests inside a test count on their own);
+2. the ORM ``Session`` that runs the statement, from its first use to ``close()`` (or
+   ``expunge_all()``, which ``close()`` calls), across its commits;
+3. the connection's transaction.
+
+The Session is known on the statement path through :data:`SESSION_SLOT`: the ORM hook
+(``_hooks._orm``) stores a weak reference to the Session on each ``Connection`` the
+Session begins a transaction on (one ``after_begin`` event per transaction, nothing per
+ORM execution), and the detector reads it from the statement's connection.
 """
 
 from __future__ import annotations
@@ -15,9 +31,20 @@ from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import Any, TypeVar, cast
 
-__all__ = ["Scope", "current_scope", "current_scope_getter", "scope"]
+__all__ = [
+    "SESSION_SLOT",
+    "Scope",
+    "current_scope",
+    "current_scope_getter",
+    "per_test_unit",
+    "scope",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: The attribute of a ``Connection`` (and of a ``Session``, to reuse it) holding a weak
+#: reference to the ORM Session that began the connection's current transaction.
+SESSION_SLOT = "_sqlprobe_session"
 
 _current: ContextVar[Scope | None] = ContextVar("sqlprobe_scope", default=None)
 
@@ -110,3 +137,16 @@ def current_scope() -> Scope | None:
 def current_scope_getter() -> Callable[[], Scope | None]:
     """:func:`current_scope` without the function call around the ContextVar (hot path)."""
     return _current.get
+
+
+def per_test_unit(name: str) -> Scope:
+    """The unit of work of one test (the pytest plugin's per-test unit).
+
+    Enter it around the test's call (``with per_test_unit(item.nodeid):``): every statement
+    of the test counts in it, across Sessions and transactions, except those inside a
+    scope opened within it (a request through the middleware, an explicit
+    :func:`sqlprobe.scope`), which count in that innermost scope alone. Detections
+    report ``name`` as their scope. It is a plain :class:`Scope` with no
+    ``route``/``controller``/``action``, so sqlcommenter adds nothing for it.
+    """
+    return Scope(name)
