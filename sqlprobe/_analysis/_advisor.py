@@ -187,6 +187,14 @@ class IndexAdvisor:
             return False
         return True
 
+    def wants(self, fingerprint: str) -> bool:
+        """Whether `submit` would take this fingerprint now (not seen, not closed).
+
+        A statement the rate limit or a full queue dropped is forgotten, so it is
+        wanted again: its next occurrence is analysed.
+        """
+        return not self._closed and fingerprint not in self._seen
+
     def close(self, timeout: float | None = None) -> None:
         """Stop the worker after the statement it is analysing; queued ones are dropped."""
         with self._lock:
@@ -261,6 +269,19 @@ class IndexAdvisor:
             connection.close()
 
 
+def _model_line(advice: IndexAdvice) -> str | None:
+    """``Order.user_id: mapped_column(..., index=True)``, or the ``Index(...)`` to add.
+
+    A single column's change names its attribute (``mapped_column(..., index=True)``
+    alone does not say where); a composite ``Index(...)`` already names them.
+    """
+    if advice.model is None or advice.model_change is None:
+        return advice.model_change or advice.model
+    if advice.model_change.startswith("Index("):
+        return advice.model_change
+    return f"{advice.model}: {advice.model_change}"
+
+
 #: Advice kept per engine for the ``slow_query`` events of its shape.
 MAX_KNOWN_ADVICE = 1000
 
@@ -269,7 +290,8 @@ class AdviceSink:
     """The index advisor as a slow-only record sink: slow SELECTs in, advice out.
 
     Each new slow SELECT shape is handed to the :class:`IndexAdvisor` once (with the
-    application line that ran it); each suggestion the worker proves is logged as one
+    application line that ran it), again only if the advisor dropped it (a full queue,
+    the rate limit); each suggestion the worker proves is logged as one
     ``index_advice`` warning, counted by ``metric(table, columns, proven)`` and kept
     (bounded) so later ``slow_query`` events of the shape carry it. Nothing here runs
     for a statement under the slow-query threshold.
@@ -292,7 +314,6 @@ class AdviceSink:
         self._on_close = on_close
         self._lock = threading.Lock()
         self._known: dict[str, dict[str, Any]] = {}
-        self._submitted: set[str] = set()
         self._finder = SourceFinder()
         self.advisor = make_advisor(self._on_advice)
 
@@ -301,9 +322,10 @@ class AdviceSink:
         if shape.operation != "SELECT" or record.error is not None or record.batch_size:
             return
         fingerprint = shape.fingerprint
-        if fingerprint in self._submitted or len(self._submitted) >= MAX_KNOWN_ADVICE:
+        # The advisor remembers what it took (bounded, oldest forgotten) and forgets
+        # what it dropped: asking it keeps a dropped shape from being lost for good.
+        if not self.advisor.wants(fingerprint):
             return
-        self._submitted.add(fingerprint)
         source = self._finder.source(sys._getframe(1)) or None
         self.advisor.submit(record.statement, record.parameters, fingerprint, source)
 
@@ -328,11 +350,12 @@ class AdviceSink:
             table=advice.table,
             columns=list(advice.columns),
             ddl=advice.ddl,
-            model=advice.model_change or advice.model,
+            model=_model_line(advice),
             alembic=advice.alembic,
             cost_before=advice.cost_before,
             cost_after=advice.cost_after,
             proven=advice.proven,
+            proof=advice.proof,
             source=advice.source or "",
         )
 
