@@ -74,17 +74,6 @@ def test_slow_select_gets_index_advice_in_log_metrics_and_later_events(
         engine.dispose()
 
 
-def test_index_advice_on_an_async_engine_is_refused(registry: CollectorRegistry) -> None:
-    """index_advice=True on an AsyncEngine raises ValueError at attach, not later."""
-    pytest.importorskip("aiosqlite")
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    engine = create_async_engine("sqlite+aiosqlite://")
-    with pytest.raises(ValueError, match="asyncio"):
-        sqlprobe.attach(engine, registry=registry, index_advice=True)
-    assert not _state.probes.get(engine.sync_engine)
-
-
 def test_sqlprobe_advise_is_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     """`sqlprobe advise` reaches the advisor's CLI: its errors are one line, status 2."""
     from sqlprobe.cli import main

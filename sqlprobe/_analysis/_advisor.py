@@ -19,6 +19,15 @@ fingerprint forgotten so that a later occurrence is analysed); every statement t
 advisor runs has a ``statement_timeout``; each analysis uses one connection from
 ``connect`` and closes it at the end. Nothing is ever written: a hypothetical index
 lives in the advisor's session only, and the transaction is rolled back.
+
+An asyncio engine (asyncpg, psycopg's async mode, aiosqlite, aiomysql...) is advised
+with its own driver, the way the EXPLAIN worker does it: ``is_async=True`` makes the
+worker thread run each analysis in SQLAlchemy's greenlet adapter on an event loop of
+its own, so the synchronous `Connection` API drives the async driver. The statement is
+replayed with the driver's own paramstyle (``$1`` for asyncpg) and the pool's
+``connect`` handlers run on the advisor's connection as they run on the application's;
+a synchronous counterpart driver would need neither to be installed nor to accept the
+async driver's placeholders. The application's event loop is never used.
 """
 
 from __future__ import annotations
@@ -65,6 +74,8 @@ class IndexAdvisor:
         queue_size: statements waiting for the worker.
         max_fingerprints: fingerprints remembered as already analysed.
         on_analysis: optional, called with every `Analysis` (advice and notes).
+        is_async: the engine's driver is an asyncio one: each analysis runs through
+            SQLAlchemy's greenlet adapter on the worker's own event loop.
     """
 
     def __init__(
@@ -86,6 +97,7 @@ class IndexAdvisor:
         registries: Iterable[Any] | None = None,
         on_analysis: Callable[[Analysis], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        is_async: bool = False,
     ) -> None:
         validate_options(
             min_improvement=min_improvement,
@@ -125,6 +137,7 @@ class IndexAdvisor:
         self.queue_size = queue_size
         self.max_fingerprints = max_fingerprints
         self.clock = clock
+        self.is_async = is_async
         self.schema = SchemaCache()
         self.dropped = 0
         """Statements dropped because the queue was full."""
@@ -229,30 +242,46 @@ class IndexAdvisor:
         return True
 
     def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is _STOP or self._closed:
-                return
-            statement, parameters, fingerprint, source = job
-            if not self._allowed():
-                with self._lock:
-                    self.rate_limited += 1
-                    self._seen.pop(fingerprint, None)
-                continue
-            try:
-                result = self._analyse(statement, parameters, source)
-            except Exception:
-                self.failed += 1
-                self.contain("index_advice")
-                continue
-            self.analysed += 1
-            try:
-                if self.on_analysis is not None:
-                    self.on_analysis(result)
-                for advice in result.advice:
-                    self.on_advice(advice)
-            except Exception:
-                self.contain("index_advice_callback")
+        loop: Any = None
+        try:
+            while True:
+                job = self._queue.get()
+                if job is _STOP or self._closed:
+                    return
+                statement, parameters, fingerprint, source = job
+                if not self._allowed():
+                    with self._lock:
+                        self.rate_limited += 1
+                        self._seen.pop(fingerprint, None)
+                    continue
+                try:
+                    if self.is_async:
+                        import asyncio
+
+                        from sqlalchemy.util import greenlet_spawn
+
+                        if loop is None:
+                            loop = asyncio.new_event_loop()
+                        result = loop.run_until_complete(
+                            greenlet_spawn(self._analyse, statement, parameters, source)
+                        )
+                    else:
+                        result = self._analyse(statement, parameters, source)
+                except Exception:
+                    self.failed += 1
+                    self.contain("index_advice")
+                    continue
+                self.analysed += 1
+                try:
+                    if self.on_analysis is not None:
+                        self.on_analysis(result)
+                    for advice in result.advice:
+                        self.on_advice(advice)
+                except Exception:
+                    self.contain("index_advice_callback")
+        finally:
+            if loop is not None:
+                loop.close()
 
     def _analyse(self, statement: str, parameters: Any, source: str | None) -> Analysis:
         connection = self.connect()
