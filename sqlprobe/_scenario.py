@@ -15,7 +15,7 @@ import random
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from sqlalchemy import ForeignKey, Numeric, String, func, insert, select, update
+from sqlalchemy import ForeignKey, Numeric, String, func, insert, select, text, update
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -153,14 +153,46 @@ def tracking_number(n: int) -> str:
 SHIPMENTS = 20_000
 
 
-def seed_shipments(session: Session, *, shipments: int = SHIPMENTS) -> None:
-    """Insert ``shipments`` parcels for the existing orders in one executemany; commit.
+#: Rows per INSERT of `seed_shipments`: each is a few milliseconds, never a slow query.
+SEED_BATCH = 2_000
 
-    Bulk INSERTs (not one ORM object per row) of 2 000 rows each, so tens of
-    thousands of rows take a fraction of a second on SQLite and no one INSERT is slow.
+#: SQLite generates the rows itself: 20 000 of them in some tens of milliseconds, where
+#: binding them one by one from Python takes over a second. The same values as
+#: `tracking_number` and `CARRIERS` (``printf`` formats like Python's ``%07d``).
+_SQLITE_SHIPMENTS = """
+INSERT INTO sqlprobe_demo_shipments (order_id, tracking_number, carrier, shipped_at)
+WITH RECURSIVE n(i) AS (SELECT :first UNION ALL SELECT i + 1 FROM n WHERE i + 1 < :stop)
+SELECT :min_id + i % :orders,
+       printf('1Z%07d%02d', (i * 7919) % 1000003, i % 97),
+       CASE i % 6 WHEN 0 THEN 'ups' WHEN 1 THEN 'dhl' WHEN 2 THEN 'fedex'
+                  WHEN 3 THEN 'usps' WHEN 4 THEN 'dpd' ELSE 'gls' END,
+       datetime('2026-01-01', '+' || i || ' minutes') || '.000000'
+FROM n
+"""
+
+
+def seed_shipments(session: Session, *, shipments: int = SHIPMENTS) -> None:
+    """Insert ``shipments`` parcels for the existing orders, `SEED_BATCH` per INSERT; commit.
+
+    On SQLite the database generates the rows (`_SQLITE_SHIPMENTS`); elsewhere they are
+    bound from Python in Core executemany INSERTs (no ORM object per row).
     """
     orders = list(session.scalars(select(Order.id).order_by(Order.id)))
     if not orders:
+        return
+    connection = session.connection()
+    if connection.dialect.name == "sqlite" and orders == list(range(orders[0], orders[-1] + 1)):
+        for first in range(0, shipments, SEED_BATCH):
+            connection.execute(
+                text(_SQLITE_SHIPMENTS),
+                {
+                    "first": first,
+                    "stop": min(first + SEED_BATCH, shipments),
+                    "min_id": orders[0],
+                    "orders": len(orders),
+                },
+            )
+        session.commit()
         return
     start = datetime(2026, 1, 1)
     rows = [
@@ -172,8 +204,9 @@ def seed_shipments(session: Session, *, shipments: int = SHIPMENTS) -> None:
         }
         for n in range(shipments)
     ]
-    for start_at in range(0, len(rows), 2_000):
-        session.execute(insert(Shipment), rows[start_at : start_at + 2_000])
+    table = Base.metadata.tables[Shipment.__tablename__]
+    for first in range(0, len(rows), SEED_BATCH):
+        connection.execute(insert(table), rows[first : first + SEED_BATCH])
     session.commit()
 
 

@@ -339,25 +339,37 @@ def _scale_sqlite(engine: Any, scaled: dict[str, bool]) -> None:
 
     SQLite reads the demo's 20 000 shipments in a few milliseconds, where a table of
     millions of rows takes seconds; seeding millions would take the demo minutes. A
-    progress handler on each connection pauses briefly every `SCALE_STEPS` instructions
-    of SQLite's virtual machine while ``scaled["on"]`` is true, so a statement's time
-    grows with the work it does: the full scan behind the missing index on
-    ``tracking_number`` (about 60 000 instructions) takes about 175 ms, while an index
-    lookup and every other statement of the demo (5 000 instructions at most) never
-    pause. The index advisor's own
-    connections are opened like the application's, so they get the handler too (and
-    replace it with their time limit while they analyse).
+    progress handler on each connection is called every `SCALE_STEPS` instructions of
+    SQLite's virtual machine and, while ``scaled["on"]`` is true, pauses from its second
+    call within one execution on: a statement's time grows with the work it does. The
+    full scan behind the missing index on ``tracking_number`` (about 60 000
+    instructions) takes about 175 ms; an index lookup and every other statement of the
+    demo (5 000 instructions at most) never pause. The first call is free because
+    SQLite counts instructions over all the executions of a cached statement, so a
+    small statement run often reaches `SCALE_STEPS` now and then.
+
+    The index advisor's connections are opened like the application's, so they get the
+    handler too, and replace it with their time limit while they analyse.
     """
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
-    def _register(dbapi_connection: Any, _record: Any) -> None:
+    def _register(dbapi_connection: Any, record: Any) -> None:
+        calls = record.info["sqlprobe_demo_steps"] = [0]
+
         def pause() -> int:
-            if scaled["on"]:
+            calls[0] += 1
+            if calls[0] > 1 and scaled["on"]:
                 time.sleep(SCALE_PAUSE)
             return 0  # carry on
 
         dbapi_connection.set_progress_handler(pause, SCALE_STEPS)
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _restart(conn: Any, *_args: Any) -> None:
+        calls = conn.connection.info.get("sqlprobe_demo_steps")
+        if calls is not None:
+            calls[0] = 0
 
 
 #: Seconds the end-of-run summary waits for the index advisor to finish its analyses.
