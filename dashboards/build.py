@@ -372,7 +372,43 @@ def queries_dashboard() -> Dashboard:
             ],
         )
     )
+    dashboard = dashboard.with_row(Row("Index advice"))
+    dashboard = dashboard.with_panel(advice_table())
     return number_panels(dashboard)
+
+
+def advice_table() -> table.Panel:
+    """The indexes sqlprobe's advisor suggests (``attach(index_advice=True)``), one per row."""
+    organize = DataTransformerConfig(
+        id_val="organize",
+        options={
+            "excludeByName": {"Time": True, "Value": True},
+            "indexByName": {"engine": 0, "table": 1, "columns": 2, "proven": 3},
+            "renameByName": {"columns": "index columns"},
+        },
+    )
+    return (
+        table.Panel()
+        .title("Index advice")
+        .description(
+            "Indexes sqlprobe's index advisor suggests for slow SELECT shapes "
+            "(sqlprobe_index_advice_info, with attach(index_advice=True)). proven=true: the "
+            "database's planner confirmed it (PostgreSQL with hypopg: cost down at least "
+            "10x; SQLite: the plan switches to the index). The index_advice log event has "
+            "the DDL, the model change and the Alembic operation."
+        )
+        .unit("none")
+        .datasource(DATASOURCE)
+        .height(8)
+        .span(24)
+        .with_target(
+            table_target(
+                f"max by (engine, table, columns, proven) (sqlprobe_index_advice_info{{{SEL}}})"
+            )
+        )
+        .with_transformation(organize)
+        .sort_by([TableSortByFieldState().display_name("table")])
+    )
 
 
 def pool_dashboard() -> Dashboard:

@@ -171,9 +171,7 @@ def _print_advice(advice: Any, out: TextIO) -> None:
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
     from sqlalchemy import create_engine
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
-
-    from ._analysis._advisor import SchemaCache, analyse
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     if args.top < 1:
         raise _Failure("--top must be at least 1")
@@ -191,6 +189,53 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             statements = _metrics_statements(args.metrics_url, args.engine, args.top)
         else:
             statements = _file_statements(args.file, system)
+        if getattr(engine.dialect, "is_async", False):
+            # An asyncio driver (postgresql+asyncpg://, sqlite+aiosqlite://...): the same
+            # synchronous code, run through SQLAlchemy's greenlet adapter on a loop of
+            # its own, as the advisor's worker does for an AsyncEngine.
+            import asyncio
+
+            from sqlalchemy.util import greenlet_spawn
+
+            found = asyncio.run(
+                greenlet_spawn(_advise_each, engine, statements, args, out, dispose=True)
+            )
+        else:
+            found = _advise_each(engine, statements, args, out)
+        print(f"\n{found} index suggestion(s) for {len(statements)} statement(s).", file=out)
+        return 0
+    finally:
+        engine.dispose()
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """Run ``sqlprobe advise``; 0 on success, 2 on an error (one line on stderr)."""
+    try:
+        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        return _run(args, out or sys.stdout)
+    except _Failure as exc:
+        print(f"sqlprobe advise: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # anything else is still one line, never a traceback
+        first = (str(exc).splitlines() or [""])[0]
+        print(f"sqlprobe advise: error: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 2
+
+
+def _advise_each(
+    engine: Any,
+    statements: list[tuple[str, str]],
+    args: argparse.Namespace,
+    out: TextIO,
+    *,
+    dispose: bool = False,
+) -> int:
+    """Advise each statement on one connection; the number of suggestions printed."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ._analysis._advisor import SchemaCache, analyse
+
+    try:
         cache = SchemaCache()
         found = 0
         try:
@@ -234,21 +279,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                     for note_text in result.notes:
                         for line in _wrap("why", note_text):
                             print(line, file=out)
-        print(f"\n{found} index suggestion(s) for {len(statements)} statement(s).", file=out)
-        return 0
+        return found
     finally:
-        engine.dispose()
-
-
-def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
-    """Run ``sqlprobe advise``; 0 on success, 2 on an error (one line on stderr)."""
-    try:
-        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-        return _run(args, out or sys.stdout)
-    except _Failure as exc:
-        print(f"sqlprobe advise: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # anything else is still one line, never a traceback
-        first = (str(exc).splitlines() or [""])[0]
-        print(f"sqlprobe advise: error: {type(exc).__name__}: {first}", file=sys.stderr)
-        return 2
+        if dispose:  # an async engine's pool is closed in the greenlet, on its loop
+            engine.dispose()

@@ -428,7 +428,9 @@ def _index_advice(
 
     Its connections come from a private NullPool engine whose DBAPI connections are
     opened like the application's (:meth:`PoolHooks.side_connection`): never the
-    application's pool, never attached by ``attach()`` for all engines.
+    application's pool, never attached by ``attach()`` for all engines. For an
+    AsyncEngine that engine has the async dialect too: the advisor's worker drives it
+    through SQLAlchemy's greenlet adapter on an event loop of its own (``is_async``).
     """
     try:
         from ._analysis._advisor import AdviceSink, IndexAdvisor
@@ -436,8 +438,7 @@ def _index_advice(
         raise ValueError(
             f"index_advice=True needs the advice extra: pip install 'sqlprobe[advice]' ({exc})"
         ) from None
-    if getattr(sync.dialect, "is_async", False):
-        raise ValueError("index_advice=True is not supported on asyncio engines yet")
+    is_async = bool(getattr(sync.dialect, "is_async", False))
     side: list[Engine] = []
 
     def connect() -> Any:
@@ -460,7 +461,11 @@ def _index_advice(
 
     return AdviceSink(
         lambda on_advice: IndexAdvisor(
-            connect, sync.dialect.name, on_advice=on_advice, contain=ctx.contain
+            connect,
+            sync.dialect.name,
+            on_advice=on_advice,
+            contain=ctx.contain,
+            is_async=is_async,
         ),
         engine=ctx.info.name,
         logger=logger,

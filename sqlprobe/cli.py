@@ -7,17 +7,19 @@ is parsed and its driver imported before anything runs), and the errors that can
 show later (the database refuses the connection, the /metrics port is taken) are
 raised as :class:`UsageError` and reported the same way.
 
-``sqlprobe demo`` runs a small but typical SQLAlchemy application (users with orders
-and articles: lazy and eager relationship loading, aggregates, a bulk update, a
-transaction that rolls back, one deliberately slow query and one failing statement)
-with sqlprobe attached in one line, serves /metrics while it runs, and prints the top
-statements by total time when it stops. It runs on an embedded SQLite file unless
-``--url`` names another database.
+``sqlprobe demo`` runs a small but typical SQLAlchemy application (users with orders,
+articles and shipments: lazy and eager relationship loading, aggregates, a bulk
+update, a transaction that rolls back, a slow lookup that an index fixes and one
+failing statement) with sqlprobe attached in one line (index advice on), serves
+/metrics while it runs, and prints the top statements by total time and the index
+advice when it stops. It runs on an embedded SQLite file unless ``--url`` names
+another database.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import signal
@@ -223,6 +225,7 @@ class _ShortRenderer:
     FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "n_plus_one": ("relationship", "count", "scope", "suggestion", "source", "suppressed"),
         "slow_query": ("duration_ms", "statement", "error", "source", "suppressed"),
+        "index_advice": ("table", "columns", "ddl", "proven", "source"),
     }
 
     def __init__(self) -> None:
@@ -269,6 +272,19 @@ class _Findings:
     texts: dict[str, str] = field(default_factory=dict)
     failures: dict[tuple[str, str], int] = field(default_factory=dict)
     n_plus_one: dict[str, tuple[Any, int]] = field(default_factory=dict)
+    #: ``index_advice`` events, as logged (the advisor's worker thread appends).
+    advice: list[dict[str, Any]] = field(default_factory=list)
+    #: Fingerprints of SELECTs from a table that ran over ``threshold`` seconds.
+    slow_selects: set[str] = field(default_factory=set)
+    threshold: float = 0.1
+
+    def collect_advice(
+        self, _logger: Any, _method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """A structlog processor keeping a copy of each ``index_advice`` event."""
+        if event.get("event") == "index_advice":
+            self.advice.append(dict(event))
+        return event
 
     def take(self, capture: Any) -> None:
         """Move a capture's records into the findings (and empty it: memory stays flat)."""
@@ -277,6 +293,10 @@ class _Findings:
             if record.error:
                 key = (record.fingerprint, record.error)
                 self.failures[key] = self.failures.get(key, 0) + 1
+            elif (
+                record.operation == "SELECT" and record.table and record.duration >= self.threshold
+            ):
+                self.slow_selects.add(record.fingerprint)
         del capture.statements[:]
         for detection in capture.n_plus_one:
             first, count = self.n_plus_one.get(detection.fingerprint, (detection, 0))
@@ -294,26 +314,66 @@ class DemoResult:
     port: int | None
 
 
-def _slow_sql(dialect_name: str) -> str:
+def _slow_sql(dialect_name: str) -> str | None:
+    """A deliberately slow statement for a database server, None on SQLite.
+
+    On SQLite the slow query is the tracking lookup (see `_scale_sqlite`); a server
+    cannot be slowed down the same way and scans the demo's shipments in a millisecond
+    or two, so it also runs a sleep.
+    """
     if dialect_name == "postgresql":
         return "SELECT pg_sleep(0.15)"
     if dialect_name in ("mysql", "mariadb"):
         return "SELECT SLEEP(0.15)"
-    return "SELECT sqlprobe_sleep(0.15)"
+    return None
 
 
-def _install_sqlite_sleep(engine: Any) -> None:
+#: The demo's SQLite connections pause `SCALE_PAUSE` seconds every `SCALE_STEPS` virtual
+#: machine instructions once the workload starts (see `_scale_sqlite`).
+SCALE_STEPS = 8_000
+SCALE_PAUSE = 0.025
+
+
+def _scale_sqlite(engine: Any, scaled: dict[str, bool]) -> None:
+    """Make the demo's SQLite as slow per row as a production-sized table would be.
+
+    SQLite reads the demo's 20 000 shipments in a few milliseconds, where a table of
+    millions of rows takes seconds; seeding millions would take the demo minutes. A
+    progress handler on each connection is called every `SCALE_STEPS` instructions of
+    SQLite's virtual machine and, while ``scaled["on"]`` is true, pauses from its second
+    call within one execution on: a statement's time grows with the work it does. The
+    full scan behind the missing index on ``tracking_number`` (about 60 000
+    instructions) takes about 175 ms; an index lookup and every other statement of the
+    demo (5 000 instructions at most) never pause. The first call is free because
+    SQLite counts instructions over all the executions of a cached statement, so a
+    small statement run often reaches `SCALE_STEPS` now and then.
+
+    The index advisor's connections are opened like the application's, so they get the
+    handler too, and replace it with their time limit while they analyse.
+    """
     from sqlalchemy import event
 
-    # SQLite has no sleep function: give the demo's connections one, so that the
-    # deliberately slow query is slow in the database, as it would be elsewhere.
     @event.listens_for(engine, "connect")
-    def _register(dbapi_connection: Any, _record: Any) -> None:
-        def sleep(seconds: float) -> int:
-            time.sleep(seconds)
-            return 1
+    def _register(dbapi_connection: Any, record: Any) -> None:
+        calls = record.info["sqlprobe_demo_steps"] = [0]
 
-        dbapi_connection.create_function("sqlprobe_sleep", 1, sleep)
+        def pause() -> int:
+            calls[0] += 1
+            if calls[0] > 1 and scaled["on"]:
+                time.sleep(SCALE_PAUSE)
+            return 0  # carry on
+
+        dbapi_connection.set_progress_handler(pause, SCALE_STEPS)
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _restart(conn: Any, *_args: Any) -> None:
+        calls = conn.connection.info.get("sqlprobe_demo_steps")
+        if calls is not None:
+            calls[0] = 0
+
+
+#: Seconds the end-of-run summary waits for the index advisor to finish its analyses.
+ADVICE_WAIT = 3.0
 
 
 def run_demo(
@@ -336,25 +396,45 @@ def run_demo(
 
     import sqlprobe
 
-    from ._scenario import Article, Base, Order, User, deactivate_idle_users, seed, user_statistics
+    from ._scenario import (
+        SHIPMENTS,
+        Article,
+        Base,
+        Order,
+        Shipment,
+        User,
+        deactivate_idle_users,
+        seed,
+        seed_shipments,
+        track_shipment,
+        tracking_number,
+        user_statistics,
+    )
 
     if url is None:
         url = f"sqlite:///{DEFAULT_SQLITE_FILE}"
     engine = create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
-        _install_sqlite_sleep(engine)
+    scaled = {"on": False}
+    scaled_db = engine.dialect.name == "sqlite"
+    if scaled_db:
+        _scale_sqlite(engine, scaled)
     check_connection(engine)
 
+    findings = _Findings()
     logger = structlog.wrap_logger(
         _ConsoleLogger(console),
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="%H:%M:%S"),
+            findings.collect_advice,
             _ShortRenderer(),
         ],
     )
-    # The one line an application adds:
-    probe = sqlprobe.attach(engine, name="demo", logger=logger)
+    # The one line an application adds (index advice needs the advice extra, sqlglot):
+    advice = importlib.util.find_spec("sqlglot") is not None
+    probe = sqlprobe.attach(engine, name="demo", logger=logger, index_advice=advice)
+    if probe.options is not None:
+        findings.threshold = probe.options.slow_query_threshold
 
     server = None
     if port is not None:
@@ -373,8 +453,14 @@ def run_demo(
     with Session(engine) as session:
         if session.scalar(select(User.id).limit(1)) is None:
             seed(session)
+        if session.scalar(select(Shipment.id).limit(1)) is None:
+            # A server would scan 20 000 rows in a few milliseconds anyway (only SQLite
+            # is scaled, see _scale_sqlite) and takes seconds to insert them.
+            seed_shipments(session, shipments=SHIPMENTS if scaled_db else SHIPMENTS // 10)
+    scaled["on"] = True
 
-    slow_sql = text(_slow_sql(engine.dialect.name))
+    server_slow = _slow_sql(engine.dialect.name)
+    slow_sql = text(server_slow) if server_slow is not None else None
     stop = {"now": False}
 
     def on_sigint(_sig: int, _frame: FrameType | None) -> None:
@@ -419,6 +505,14 @@ def run_demo(
         except _Cancelled:
             pass  # the savepoint is rolled back; the order's transaction goes on and commits
 
+    def tracking_page(session: Session) -> None:
+        with sqlprobe.scope("GET /track"):
+            # The slow query an index fixes. Customers track their latest parcels, the
+            # last rows of the table: SQLite reads nearly all of it before the first row
+            # comes back (sqlprobe times the driver's execute, which ends there).
+            latest = (SHIPMENTS if scaled_db else SHIPMENTS // 10) - 1 - done % 100
+            track_shipment(session, tracking_number(latest))
+
     def failing(session: Session) -> None:
         try:
             session.execute(text("SELECT no_such_column FROM sqlprobe_demo_users"))
@@ -437,7 +531,6 @@ def run_demo(
 
     started = time.monotonic()
     done = 0
-    findings = _Findings()
     recorder = capture(engine)
     recorder.__enter__()
     try:
@@ -458,10 +551,17 @@ def run_demo(
                 if iterations is None and duration and time.monotonic() - started >= duration:
                     break
                 with Session(engine) as session:
+                    slow_turn = done % slow_every == 0
+                    if slow_turn:
+                        # First in the iteration: with a threshold low enough to make
+                        # every SELECT slow, it is still among the first shapes the
+                        # advisor's rate limit (10 a minute) lets through.
+                        tracking_page(session)
                     for step in steps:
                         step(session)
-                    if done % slow_every == 0:
-                        session.execute(slow_sql)  # the deliberately slow query
+                    if slow_turn:
+                        if slow_sql is not None:
+                            session.execute(slow_sql)  # the deliberately slow query
                         failing(session)  # and the failing one (its transaction rolls back)
                         deactivate_idle_users(session, datetime(2026, 1, 1) - timedelta(days=30))
                     session.commit()
@@ -482,6 +582,8 @@ def run_demo(
         elapsed = time.monotonic() - started
         recorder.__exit__(None, None, None)
         findings.take(recorder)
+        if advice:
+            _wait_for_advice(findings)
         stats = probe.statements()
         _print_table(console, stats, findings)
         _print_findings(console, stats, findings, probe, server, probe.options)
@@ -495,6 +597,20 @@ def run_demo(
 
 class _Cancelled(Exception):
     pass
+
+
+def _wait_for_advice(findings: _Findings) -> None:
+    """Give the advisor's worker up to `ADVICE_WAIT` seconds for the slow SELECTs it has.
+
+    The worker analyses a slow shape some milliseconds after it ran, and a short run
+    (``--iterations 1``) can end sooner. The wait ends as soon as every slow SELECT
+    shape of the run has advice, so the demo's usual run does not wait at all.
+    """
+    deadline = time.monotonic() + ADVICE_WAIT
+    while findings.slow_selects and time.monotonic() < deadline:
+        if findings.slow_selects <= {a.get("fingerprint") for a in findings.advice}:
+            return
+        time.sleep(0.05)
 
 
 def check_connection(engine: Any) -> None:
@@ -590,6 +706,7 @@ def _print_findings(
         say(findings.texts.get(s.fingerprint, s.statement), 4)
     if not slow:
         say(f"slow: no statement over {threshold * 1000:.0f} ms on average")
+    _print_advice(say, stats, findings, options)
     for (fingerprint, error), count in sorted(findings.failures.items(), key=lambda kv: -kv[1]):
         say(f"failed: {count} time(s) with {error}:")
         say(findings.texts.get(fingerprint, fingerprint), 4)
@@ -618,6 +735,45 @@ def _print_findings(
     say("Docs: the repository's docs/ (mkdocs serve): configuration, metrics, runbooks")
     if server is not None:
         say(f"(this run served its metrics at {server.url})")
+
+
+def _print_advice(
+    say: Callable[..., None], stats: Sequence[Any], findings: _Findings, options: Any
+) -> None:
+    """The index advice of the run: what to create, in SQL, in the model, in a migration."""
+    if options is None or not options.index_advice:
+        say("index advice: off (pip install 'sqlprobe[advice]' to see what index to add)")
+        return
+    if not findings.advice:
+        say("index advice: none (no slow SELECT that an index would fix)")
+        return
+    means = {s.fingerprint: s.mean_seconds for s in stats}
+    for event in findings.advice:
+        columns = ", ".join(event.get("columns") or ())
+        proof = {
+            "hypopg": "proven: the planner's cost with a hypothetical index (hypopg)",
+            "plan": (
+                "proven: the plan switches from a table scan to a search of the index"
+                if event.get("proven")
+                else "unproven: read from the plan (a full table scan)"
+            ),
+            "statistics": "unproven: read from the plan and the column statistics",
+        }.get(str(event.get("proof")), "proven" if event.get("proven") else "unproven")
+        say(f"index advice: {event.get('table')} ({columns}), {proof}")
+        say(f"for: {event.get('statement')}", 4)
+        say(f"ddl: {event.get('ddl')}", 4)
+        if event.get("model"):
+            say(f"model: {event['model']}", 4)
+        say(f"alembic: {event.get('alembic')}", 4)
+        before, after = event.get("cost_before"), event.get("cost_after")
+        if before is not None and after:
+            say(f"cost: {before:.1f} -> {after:.1f} ({before / after:.0f}x less)", 4)
+        mean = means.get(str(event.get("fingerprint")))
+        if mean is not None:
+            note = "" if before is not None else "; the planner gives no cost on this database"
+            say(f"now: {mean * 1000:.0f} ms per call without the index{note}", 4)
+        if event.get("source"):
+            say(f"at: {event['source']}", 4)
 
 
 def _version() -> str:

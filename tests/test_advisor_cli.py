@@ -107,6 +107,19 @@ def test_advise_from_a_file_splits_statements_with_the_tokenizer(
     assert "no advice  SELECT * FROM adv_orders WHERE id = ?" in text
 
 
+def test_advise_on_an_asyncio_url(db_url: str, tmp_path: Path) -> None:
+    """An asyncio driver's URL (sqlite+aiosqlite) is advised like its synchronous twin."""
+    pytest.importorskip("aiosqlite")
+    sql = tmp_path / "slow.sql"
+    sql.write_text("SELECT * FROM adv_orders WHERE user_id = 5;\n")
+    out = io.StringIO()
+    url = db_url.replace("sqlite://", "sqlite+aiosqlite://", 1)
+    assert main(["--url", url, "--file", str(sql)], out=out) == 0
+    text = out.getvalue()
+    assert "CREATE INDEX ix_adv_orders_user_id ON adv_orders (user_id)" in text
+    assert "1 index suggestion(s) for 1 statement(s)." in text
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

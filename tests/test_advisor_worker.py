@@ -131,7 +131,8 @@ def test_a_full_queue_drops_without_blocking(db: Engine) -> None:
 
 
 def test_rate_limit_drops_over_budget_and_retries_later(db: Engine) -> None:
-    """max_per_interval analyses per interval; the rest are dropped and may come back later."""
+    """max_per_interval analyses per interval; the rest are dropped, wanted again, and may
+    come back later."""
     now = [1000.0]
     rec = Recorder()
     advisor = make(db, rec, max_per_interval=2, interval=60.0, clock=lambda: now[0])
@@ -144,6 +145,8 @@ def test_rate_limit_drops_over_budget_and_retries_later(db: Engine) -> None:
             time.sleep(0.01)
         assert advisor.analysed == 2 and advisor.rate_limited == 2
         assert sorted(a.columns for a in rec.advice) == [("a",), ("b",)]
+        # What was analysed is not wanted again; what the rate limit dropped is.
+        assert [advisor.wants(f"r{i}") for i in range(4)] == [False, False, True, True]
         assert advisor.submit("SELECT * FROM adv_w WHERE a = 1", None, "r0") is False
         now[0] += 61.0
         assert advisor.submit("SELECT * FROM adv_w WHERE c = 1", None, "r2") is True

@@ -55,12 +55,16 @@ def test_demo_runs_on_embedded_sqlite(tmp_path: Path) -> None:
         "Top statements by total time" in text
     )
     assert "Top statements by total time" in text
-    assert "sqlprobe_sleep" in text  # the deliberately slow query tops the table
+    assert "FROM sqlprobe_demo_shipments WHERE" in text  # the slow lookup is in the table
     # The events point at the demo's own code and name the relationship and its fix.
     assert re.search(r"n_plus_one .*relationship=User\.orders", text)
     assert "suggestion=selectinload(User.orders)" in text
     assert re.search(r"source='?[^ ]*cli\.py:\d+ in n_plus_one_page", text)
-    assert re.search(r"slow_query .*source='?[^ ]*cli\.py:\d+ in run_demo", text)
+    # Console lines wrap at the terminal's width: read the events joined.
+    joined = " ".join(text.split())
+    slow_event = r"slow_query duration_ms=\d+ statement='[^']*' source=\S*_scenario\.py:\d+"
+    assert re.search(slow_event + " in track_shipment", joined)
+    assert "index advice: sqlprobe_demo_shipments (tracking_number)" in joined
     iterations = int(re.search(r"(\d+) iterations, (\d+) statements", text).group(1))  # type: ignore[union-attr]
     assert iterations > 0
 
@@ -259,7 +263,26 @@ def test_demo_summary_at_80_columns(tmp_path: Path) -> None:
         flat,
     ), flat
     assert "fix: selectinload(User.orders)" in flat
-    assert "slow: 2 call(s)" in flat and "SELECT sqlprobe_sleep(?)" in flat
+    lookup = (
+        "SELECT sqlprobe_demo_shipments.id, sqlprobe_demo_shipments.carrier FROM "
+        "sqlprobe_demo_shipments WHERE sqlprobe_demo_shipments.tracking_number = ?"
+    )
+    assert "slow: 2 call(s), mean" in flat and lookup in flat
+    # The slow lookup's index advice, proven on SQLite's plan, in SQL, model and migration.
+    advice = flat.split("index advice: ", 1)[1].split(" failed: ", 1)[0]
+    assert advice.startswith("sqlprobe_demo_shipments (tracking_number), proven: the plan")
+    assert f"for: {lookup}" in advice
+    assert (
+        "ddl: CREATE INDEX ix_sqlprobe_demo_shipments_tracking_number ON "
+        "sqlprobe_demo_shipments (tracking_number)"
+    ) in advice
+    assert "model: Shipment.tracking_number: mapped_column(..., index=True)" in advice
+    assert (
+        'alembic: op.create_index("ix_sqlprobe_demo_shipments_tracking_number", '
+        '"sqlprobe_demo_shipments", ["tracking_number"])'
+    ) in advice
+    assert re.search(r"now: \d+ ms per call without the index", advice), advice
+    assert re.search(r"at: \S*_scenario\.py:\d+ in track_shipment", advice), advice
     assert "failed: 2 time(s) with OperationalError: SELECT no_such_column FROM" in flat
     # A realistic transaction mix: the failing statement's transaction is the only rollback.
     rolled = int(re.search(r"(\d+) rolled back", flat).group(1))  # type: ignore[union-attr]
@@ -269,4 +292,4 @@ def test_demo_summary_at_80_columns(tmp_path: Path) -> None:
     # The table marks the N+1 and the slow statement, with their full text.
     table = " ".join(re.sub(r"[│┃]", " ", out.split("Top statements by total time")[1]).split())
     assert "[N+1] SELECT sqlprobe_demo_orders.id" in table
-    assert "[slow] SELECT sqlprobe_sleep(?)" in table
+    assert "[slow] SELECT sqlprobe_demo_shipments.id" in table

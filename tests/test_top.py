@@ -122,7 +122,9 @@ def test_render_of_a_real_exposition(
 def test_top_once_against_a_live_demo(demo: str) -> None:
     """`sqlprobe top URL --once` shows a non-zero statement rate and the slow query on top."""
     proc = subprocess.run(
-        [*SQLPROBE, "top", demo, "--once", "--interval", "2.5"],
+        # The demo's slow lookup runs every 25th iteration, 2.5-4 s apart on a busy
+        # machine: a window of 6 s holds one.
+        [*SQLPROBE, "top", demo, "--once", "--interval", "6"],
         capture_output=True,
         text=True,
         env={**os.environ, "COLUMNS": "80"},
@@ -132,7 +134,7 @@ def test_top_once_against_a_live_demo(demo: str) -> None:
     out = proc.stdout
     rate = float(out.split("statements ", 1)[1].split("/s", 1)[0].replace(",", ""))
     assert rate > 0, out
-    assert "SELECT sqlprobe_sleep(?)" in out, out
+    assert "SELECT sqlprobe_demo_shipments.id" in out, out
     assert "User.orders" in out  # the demo's N+1
     assert max(len(line) for line in out.splitlines()) <= 80
 
@@ -201,12 +203,13 @@ def _start(tmux: str, sock: str, args: list[str]) -> None:
 
 
 def test_top_live_under_tmux(demo: str, tmux_session: tuple[str, str]) -> None:
-    """Live in a terminal, within 5 s, top shows a non-zero statement rate and the top shape."""
+    """Live in a terminal, within 8 s, top shows a non-zero statement rate and the top shape
+    (the demo's slow lookup, run every 25th iteration: 2.5-4 s apart on a busy machine)."""
     tmux, sock = tmux_session
     _start(tmux, sock, [demo, "--interval", "1"])
     # A capture can land in the middle of a redraw: look until one whole frame is seen.
-    wanted = ("statements ", "/s ", "SELECT sqlprobe_sleep(?)", "Latency by operation")
-    deadline = time.monotonic() + 5
+    wanted = ("statements ", "/s ", "SELECT sqlprobe_demo_shipments.id", "Latency by operation")
+    deadline = time.monotonic() + 8
     screen = ""
     while time.monotonic() < deadline:
         screen = _pane(tmux, sock)

@@ -19,6 +19,15 @@ fingerprint forgotten so that a later occurrence is analysed); every statement t
 advisor runs has a ``statement_timeout``; each analysis uses one connection from
 ``connect`` and closes it at the end. Nothing is ever written: a hypothetical index
 lives in the advisor's session only, and the transaction is rolled back.
+
+An asyncio engine (asyncpg, psycopg's async mode, aiosqlite, aiomysql...) is advised
+with its own driver, the way the EXPLAIN worker does it: ``is_async=True`` makes the
+worker thread run each analysis in SQLAlchemy's greenlet adapter on an event loop of
+its own, so the synchronous `Connection` API drives the async driver. The statement is
+replayed with the driver's own paramstyle (``$1`` for asyncpg) and the pool's
+``connect`` handlers run on the advisor's connection as they run on the application's;
+a synchronous counterpart driver would need neither to be installed nor to accept the
+async driver's placeholders. The application's event loop is never used.
 """
 
 from __future__ import annotations
@@ -65,6 +74,8 @@ class IndexAdvisor:
         queue_size: statements waiting for the worker.
         max_fingerprints: fingerprints remembered as already analysed.
         on_analysis: optional, called with every `Analysis` (advice and notes).
+        is_async: the engine's driver is an asyncio one: each analysis runs through
+            SQLAlchemy's greenlet adapter on the worker's own event loop.
     """
 
     def __init__(
@@ -86,6 +97,7 @@ class IndexAdvisor:
         registries: Iterable[Any] | None = None,
         on_analysis: Callable[[Analysis], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        is_async: bool = False,
     ) -> None:
         validate_options(
             min_improvement=min_improvement,
@@ -125,6 +137,7 @@ class IndexAdvisor:
         self.queue_size = queue_size
         self.max_fingerprints = max_fingerprints
         self.clock = clock
+        self.is_async = is_async
         self.schema = SchemaCache()
         self.dropped = 0
         """Statements dropped because the queue was full."""
@@ -187,6 +200,14 @@ class IndexAdvisor:
             return False
         return True
 
+    def wants(self, fingerprint: str) -> bool:
+        """Whether `submit` would take this fingerprint now (not seen, not closed).
+
+        A statement the rate limit or a full queue dropped is forgotten, so it is
+        wanted again: its next occurrence is analysed.
+        """
+        return not self._closed and fingerprint not in self._seen
+
     def close(self, timeout: float | None = None) -> None:
         """Stop the worker after the statement it is analysing; queued ones are dropped."""
         with self._lock:
@@ -221,30 +242,46 @@ class IndexAdvisor:
         return True
 
     def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is _STOP or self._closed:
-                return
-            statement, parameters, fingerprint, source = job
-            if not self._allowed():
-                with self._lock:
-                    self.rate_limited += 1
-                    self._seen.pop(fingerprint, None)
-                continue
-            try:
-                result = self._analyse(statement, parameters, source)
-            except Exception:
-                self.failed += 1
-                self.contain("index_advice")
-                continue
-            self.analysed += 1
-            try:
-                if self.on_analysis is not None:
-                    self.on_analysis(result)
-                for advice in result.advice:
-                    self.on_advice(advice)
-            except Exception:
-                self.contain("index_advice_callback")
+        loop: Any = None
+        try:
+            while True:
+                job = self._queue.get()
+                if job is _STOP or self._closed:
+                    return
+                statement, parameters, fingerprint, source = job
+                if not self._allowed():
+                    with self._lock:
+                        self.rate_limited += 1
+                        self._seen.pop(fingerprint, None)
+                    continue
+                try:
+                    if self.is_async:
+                        import asyncio
+
+                        from sqlalchemy.util import greenlet_spawn
+
+                        if loop is None:
+                            loop = asyncio.new_event_loop()
+                        result = loop.run_until_complete(
+                            greenlet_spawn(self._analyse, statement, parameters, source)
+                        )
+                    else:
+                        result = self._analyse(statement, parameters, source)
+                except Exception:
+                    self.failed += 1
+                    self.contain("index_advice")
+                    continue
+                self.analysed += 1
+                try:
+                    if self.on_analysis is not None:
+                        self.on_analysis(result)
+                    for advice in result.advice:
+                        self.on_advice(advice)
+                except Exception:
+                    self.contain("index_advice_callback")
+        finally:
+            if loop is not None:
+                loop.close()
 
     def _analyse(self, statement: str, parameters: Any, source: str | None) -> Analysis:
         connection = self.connect()
@@ -261,6 +298,19 @@ class IndexAdvisor:
             connection.close()
 
 
+def _model_line(advice: IndexAdvice) -> str | None:
+    """``Order.user_id: mapped_column(..., index=True)``, or the ``Index(...)`` to add.
+
+    A single column's change names its attribute (``mapped_column(..., index=True)``
+    alone does not say where); a composite ``Index(...)`` already names them.
+    """
+    if advice.model is None or advice.model_change is None:
+        return advice.model_change or advice.model
+    if advice.model_change.startswith("Index("):
+        return advice.model_change
+    return f"{advice.model}: {advice.model_change}"
+
+
 #: Advice kept per engine for the ``slow_query`` events of its shape.
 MAX_KNOWN_ADVICE = 1000
 
@@ -269,7 +319,8 @@ class AdviceSink:
     """The index advisor as a slow-only record sink: slow SELECTs in, advice out.
 
     Each new slow SELECT shape is handed to the :class:`IndexAdvisor` once (with the
-    application line that ran it); each suggestion the worker proves is logged as one
+    application line that ran it), again only if the advisor dropped it (a full queue,
+    the rate limit); each suggestion the worker proves is logged as one
     ``index_advice`` warning, counted by ``metric(table, columns, proven)`` and kept
     (bounded) so later ``slow_query`` events of the shape carry it. Nothing here runs
     for a statement under the slow-query threshold.
@@ -292,7 +343,6 @@ class AdviceSink:
         self._on_close = on_close
         self._lock = threading.Lock()
         self._known: dict[str, dict[str, Any]] = {}
-        self._submitted: set[str] = set()
         self._finder = SourceFinder()
         self.advisor = make_advisor(self._on_advice)
 
@@ -301,9 +351,10 @@ class AdviceSink:
         if shape.operation != "SELECT" or record.error is not None or record.batch_size:
             return
         fingerprint = shape.fingerprint
-        if fingerprint in self._submitted or len(self._submitted) >= MAX_KNOWN_ADVICE:
+        # The advisor remembers what it took (bounded, oldest forgotten) and forgets
+        # what it dropped: asking it keeps a dropped shape from being lost for good.
+        if not self.advisor.wants(fingerprint):
             return
-        self._submitted.add(fingerprint)
         source = self._finder.source(sys._getframe(1)) or None
         self.advisor.submit(record.statement, record.parameters, fingerprint, source)
 
@@ -328,11 +379,12 @@ class AdviceSink:
             table=advice.table,
             columns=list(advice.columns),
             ddl=advice.ddl,
-            model=advice.model_change or advice.model,
+            model=_model_line(advice),
             alembic=advice.alembic,
             cost_before=advice.cost_before,
             cost_after=advice.cost_after,
             proven=advice.proven,
+            proof=advice.proof,
             source=advice.source or "",
         )
 

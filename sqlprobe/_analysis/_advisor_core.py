@@ -139,6 +139,24 @@ def validate_options(
         raise ValueError("statement_timeout must be positive (seconds) or None")
 
 
+def set_progress_handler(fairy: Any, handler: Any, steps: int) -> None:
+    """``set_progress_handler`` on a pool connection, pysqlite's or aiosqlite's.
+
+    The adapter has no such method; aiosqlite's own connection has it as a coroutine,
+    run on aiosqlite's thread (the sqlite3 connection belongs to it). The advisor's
+    worker is inside SQLAlchemy's greenlet adapter then, where ``await_only`` runs it.
+    """
+    dbapi = fairy.dbapi_connection
+    if hasattr(dbapi, "set_progress_handler"):
+        dbapi.set_progress_handler(handler, steps)
+        return
+    driver = fairy.driver_connection
+    if driver is not None and hasattr(driver, "set_progress_handler"):
+        from sqlalchemy.util import await_only
+
+        await_only(driver.set_progress_handler(handler, steps))
+
+
 @contextlib.contextmanager
 def _session(connection: Connection, system: str, timeout: float | None) -> Iterator[None]:
     """One transaction, rolled back at the end, with the statement time limit set."""
@@ -162,9 +180,9 @@ def _session(connection: Connection, system: str, timeout: float | None) -> Iter
                 )
                 reset = "SET SESSION max_execution_time = DEFAULT"
             elif system == "sqlite":
-                dbapi = connection.connection.dbapi_connection
+                dbapi = connection.connection
                 deadline = time.monotonic() + timeout
-                dbapi.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
+                set_progress_handler(dbapi, lambda: int(time.monotonic() > deadline), 1000)
         yield
     finally:
         try:
@@ -175,7 +193,7 @@ def _session(connection: Connection, system: str, timeout: float | None) -> Iter
                     connection.exec_driver_sql(reset)
                     connection.rollback()
             if dbapi is not None:
-                dbapi.set_progress_handler(None, 0)
+                set_progress_handler(dbapi, None, 0)
 
 
 def analyse(

@@ -405,8 +405,34 @@ def _sqlite_scans(details: list[str], use: TableUse) -> tuple[bool, bool]:
 
 
 def _sqlite_details(cursor: Any, statement: str, parameters: Any) -> list[str]:
-    rows = cursor.execute("EXPLAIN QUERY PLAN " + statement, parameters or ()).fetchall()
-    return [str(r[3]) for r in rows]
+    # execute() then fetchall() on the cursor itself: SQLAlchemy's aiosqlite adapter
+    # returns aiosqlite's cursor from execute(), whose fetchall() is a coroutine.
+    cursor.execute("EXPLAIN QUERY PLAN " + statement, parameters or ())
+    return [str(r[3]) for r in cursor.fetchall()]
+
+
+#: Application functions `_copy_details` stands in for, at most, per statement.
+MAX_STAND_INS = 8
+
+
+def _copy_details(copy: sqlite3.Connection, statement: str, parameters: Any) -> list[str]:
+    """The plan on the schema copy, with a stand-in for each application SQL function.
+
+    The application's connections may have functions its ``connect`` handlers register
+    (``create_function``); the copy is a fresh ``sqlite3`` connection without them, and
+    SQLite will not even plan a statement that calls an unknown function. Planning
+    never calls a function, so a stand-in of any arity (returning NULL) gives the same
+    plan.
+    """
+    for _ in range(MAX_STAND_INS + 1):
+        try:
+            return _sqlite_details(copy.cursor(), statement, parameters)
+        except sqlite3.OperationalError as exc:
+            name = str(exc).partition("no such function: ")[2].strip()
+            if not name or not name.replace("_", "").isalnum():
+                raise
+            copy.create_function(name, -1, lambda *_args: None)
+    raise sqlite3.OperationalError("too many unknown functions")
 
 
 def _schema_copy(connection: Connection) -> sqlite3.Connection:
@@ -466,7 +492,7 @@ def prove_sqlite(
                 cols = ", ".join(f'"{c}"' for c in candidate.columns)
                 copy.execute(f'CREATE INDEX "{name}" ON "{trial.use.name}" ({cols})')
                 try:
-                    after = _sqlite_details(copy.cursor(), statement, parameters)
+                    after = _copy_details(copy, statement, parameters)
                 finally:
                     copy.execute(f'DROP INDEX "{name}"')
                 if any(d.startswith("SEARCH") and f"INDEX {name}" in d for d in after):

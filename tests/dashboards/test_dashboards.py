@@ -361,8 +361,9 @@ def test_top_statements_join_statement_info(dashboards: dict[str, dict[str, Any]
     assert {p["title"] for p in tables} == {
         "Top statements by total time",
         "Top statements by mean time",
+        "Index advice",
     }
-    for panel in tables:
+    for panel in [p for p in tables if p["title"] != "Index advice"]:
         (target,) = panel["targets"]
         assert target["format"] == "table" and target["instant"] is True
         assert "topk(10," in target["expr"]
@@ -416,3 +417,26 @@ def test_runbooks_name_existing_panels(dashboards: dict[str, dict[str, Any]]) ->
     quoted = {" ".join(title.split()) for title in re.findall(r'"([A-Z][^"]+)"', text)}
     assert quoted, "the runbooks name no panels"
     assert quoted - titles == set()
+
+
+def test_index_advice_table_lists_each_suggestion(dashboards: dict[str, dict[str, Any]]) -> None:
+    """The Queries dashboard's last row is an "Index advice" table of
+    sqlprobe_index_advice_info: one row per engine, table, columns and proven, no value."""
+    queries = dashboards["sqlprobe-queries.json"]
+    rows = [p["title"] for p in queries["panels"] if p["type"] == "row"]
+    assert rows[-1] == "Index advice"
+    (panel,) = [p for p in panels(queries) if p["title"] == "Index advice"]
+    assert panel["type"] == "table"
+    assert panel["gridPos"]["y"] > max(
+        p["gridPos"]["y"] for p in panels(queries) if p["title"] != "Index advice"
+    )
+    (target,) = panel["targets"]
+    assert target["format"] == "table" and target["instant"] is True
+    assert target["expr"] == (
+        "max by (engine, table, columns, proven) (sqlprobe_index_advice_info"
+        f"{{{', '.join(MATCHERS)}}})"
+    )
+    (organize,) = [t for t in panel["transformations"] if t["id"] == "organize"]
+    assert organize["options"]["excludeByName"] == {"Time": True, "Value": True}
+    order = organize["options"]["indexByName"]
+    assert sorted(order, key=order.get) == ["engine", "table", "columns", "proven"]
