@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL, Engine
 
 from . import _state
 from ._analysis._explain import Explainer
+from ._analysis._holds import HoldMonitor
 from ._analysis._nplusone import Detector
 from ._config import Options, build_options, env_enabled
 from ._core._collector import Collector
@@ -353,6 +354,7 @@ class Probe:
                     collector,
                     rewrite=comment[0] if comment else None,
                     rewrite_no_params=comment[1] if comment else None,
+                    hold_key=pool.hold_key,
                 )
             )
 
@@ -361,7 +363,19 @@ class Probe:
             )
             series.add_pool(pool.snapshot, keeps_connections(sync.pool))
             undo.append(lambda: series.remove_pool(pool.snapshot))
-            undo.append(pool.install(pool_sink))
+            series.add_peak(pool.take_peak)
+            undo.append(lambda: series.remove_peak(pool.take_peak))
+            monitor = HoldMonitor(
+                ctx,
+                hold_threshold=options.pool_hold_threshold,
+                idle_in_transaction_threshold=options.idle_in_transaction_threshold,
+                wait_threshold=options.pool_wait_threshold,
+                holders=pool.holders,
+            )
+            undo.append(pool.install(pool_sink, series, monitor, max_routes=options.max_routes))
+            _state.on_fork(pool)
+            _state.watch(monitor)
+            undo.append(lambda: _state.unwatch(monitor))
         except BaseException:
             self.detach()
             raise
@@ -527,6 +541,10 @@ def attach(
     explain: bool = False,
     index_advice: bool = False,
     buckets: Sequence[float] | None = None,
+    pool_hold_threshold: float = 1.0,
+    idle_in_transaction_threshold: float = 0.5,
+    pool_wait_threshold: float = 1.0,
+    max_routes: int = 200,
 ) -> Probe:
     """Attach sqlprobe to an engine and return the :class:`Probe` that owns it.
 
@@ -541,6 +559,12 @@ def attach(
     ``index_advice=True`` (needs the ``advice`` extra) analyses slow SELECT shapes on a
     worker thread and suggests the index that would serve each, proven against the
     planner where the database allows (see the index advice documentation).
+
+    ``pool_hold_threshold`` (seconds, default 1), ``idle_in_transaction_threshold``
+    (default 0.5) and ``pool_wait_threshold`` (default 1) decide when a ``pool_hold``
+    or ``pool_exhausted`` event names the code holding the pool's connections;
+    ``max_routes`` (default 200) bounds the ``route`` label of the per-unit-of-work
+    histograms (further routes count as ``_other``).
 
     ``slow_query_threshold`` and ``capture_parameters`` default to the
     ``SQLPROBE_SLOW_QUERY_MS`` and ``SQLPROBE_CAPTURE_PARAMETERS`` environment
@@ -558,6 +582,10 @@ def attach(
         "sqlcommenter": sqlcommenter,
         "explain": explain,
         "index_advice": index_advice,
+        "pool_hold_threshold": pool_hold_threshold,
+        "idle_in_transaction_threshold": idle_in_transaction_threshold,
+        "pool_wait_threshold": pool_wait_threshold,
+        "max_routes": max_routes,
     }
     if slow_query_threshold is not None:
         kwargs["slow_query_threshold"] = slow_query_threshold
