@@ -40,7 +40,20 @@ from time import perf_counter
 from typing import Any
 
 from .._core._fingerprint import analyze
-from .._core._hold import Hold
+from .._core._hold import (
+    BEGUN,
+    LAST,
+    REPORTED,
+    START,
+    STATEMENT,
+    STATEMENTS,
+    TXN_IDLE,
+    Hold,
+    in_transaction,
+    route,
+    source,
+)
+from .._core._hold import idle as idle_of
 from .._core._ratelimit import RateLimiter
 from .._core._records import AttachContext
 
@@ -106,10 +119,10 @@ class HoldMonitor:
 
     def checked_in(self, hold: Hold, now: float, held: float, idle: float) -> None:
         """A checkout that crossed a threshold was checked in (from the pool hooks)."""
-        if hold.reported:
+        if hold[REPORTED]:
             return
-        if hold.txn_idle >= self.idle_in_transaction_threshold:
-            self._hold_event(hold, held, hold.txn_idle, True, "idle_in_transaction", False)
+        if hold[TXN_IDLE] >= self.idle_in_transaction_threshold:
+            self._hold_event(hold, held, hold[TXN_IDLE], True, "idle_in_transaction", False)
         elif held >= self.hold_threshold:
             self._hold_event(hold, held, idle, False, "held", False)
 
@@ -118,27 +131,28 @@ class HoldMonitor:
         try:
             now = self.clock()
             for hold in self.holders():
-                if hold.reported:
+                if hold[REPORTED]:
                     continue
-                begun = hold.begun
-                held = now - hold.start
+                begun = hold[BEGUN]
+                held = now - hold[START]
                 if begun is not None:
-                    idle = now - max(hold.last, begun)
+                    idle = now - max(hold[LAST], begun)
                     if idle >= self.idle_in_transaction_threshold:
                         self._hold_event(hold, held, idle, True, "idle_in_transaction", True)
                         continue
                 if held >= self.hold_threshold:
-                    self._hold_event(hold, held, hold.idle(now), begun is not None, "held", True)
+                    idle = idle_of(hold, now)
+                    self._hold_event(hold, held, idle, begun is not None, "held", True)
         except Exception:
             self.contain(self.stage)
 
     def _hold_event(
         self, hold: Hold, held: float, idle: float, in_transaction: bool, reason: str, ongoing: bool
     ) -> None:
-        hold.reported = True
-        source = hold.source()
-        route = hold.route()
-        suppressed = self.limiter.admit(f"{source}\x00{route}")
+        hold[REPORTED] = True
+        where = source(hold)
+        unit = route(hold)
+        suppressed = self.limiter.admit(f"{where}\x00{unit}")
         if suppressed is None:
             return
         threshold = (
@@ -149,13 +163,13 @@ class HoldMonitor:
         self.logger.warning(
             "pool_hold",
             engine=self.engine,
-            source=source,
-            route=route,
+            source=where,
+            route=unit,
             held_ms=_ms(held),
             idle_ms=_ms(max(idle, 0.0)),
             in_transaction=in_transaction,
-            statement=_shape(hold.statement),
-            statements=hold.statements,
+            statement=_shape(hold[STATEMENT]),
+            statements=hold[STATEMENTS],
             reason=reason,
             threshold_ms=_ms(threshold),
             ongoing=ongoing,
@@ -171,7 +185,7 @@ class HoldMonitor:
             return
         now = self.clock()
         holds = self.holders()
-        holds.sort(key=lambda h: h.idle(now), reverse=True)
+        holds.sort(key=lambda h: idle_of(h, now), reverse=True)
         self.logger.error(
             "pool_exhausted",
             engine=self.engine,
@@ -185,10 +199,10 @@ class HoldMonitor:
     def describe(self, hold: Hold, now: float) -> dict[str, Any]:
         """One holder as listed in ``pool_exhausted``."""
         return {
-            "source": hold.source(),
-            "route": hold.route(),
-            "held_ms": _ms(now - hold.start),
-            "idle_ms": _ms(hold.idle(now)),
-            "in_transaction": hold.in_transaction(),
-            "statement": _shape(hold.statement),
+            "source": source(hold),
+            "route": route(hold),
+            "held_ms": _ms(now - hold[START]),
+            "idle_ms": _ms(idle_of(hold, now)),
+            "in_transaction": in_transaction(hold),
+            "statement": _shape(hold[STATEMENT]),
         }

@@ -182,13 +182,16 @@ class SourceFinder:
             hops += 1
 
     def locate(self, frame: FrameType | None) -> tuple[CodeType | None, int]:
-        """The code object and line of the first application frame, or ``(None, 0)``.
+        """The code object and instruction offset of the first application frame.
+
+        ``(None, 0)`` when no frame is the application's; ``_hold.line_of`` turns the
+        offset into the line.
 
         The same walk as :meth:`application_frame`, for every pool checkout: decisions
         are cached per code object (one dictionary lookup per frame, no path work), and
-        only the code object and the line number are kept, never the frame, so nothing
-        of the caller's locals outlives the call. Names are resolved when an event is
-        written (:func:`~._hold.describe_code`).
+        only the code object and the offset are kept, never the frame, so nothing of
+        the caller's locals outlives the call. Lines and names are resolved when an
+        event is written (:func:`~._hold.describe_code`).
         """
         codes = self._codes
         greenlet: Any = None
@@ -204,7 +207,7 @@ class SourceFinder:
                         codes.clear()
                     codes[code] = library
                 if not library:
-                    return code, frame.f_lineno
+                    return code, frame.f_lasti
                 frame = frame.f_back
                 steps += 1
             # No application frame in this greenlet's stack: an AsyncEngine's checkout

@@ -67,7 +67,7 @@ dispatch path (about 2.2 µs per statement).
 
 * **Hold attribution** (``pool_hold``/``pool_exhausted`` events, the idle histogram,
   the per-unit-of-work histograms, the peak gauge): the ``connect`` wrapper leaves a
-  :class:`~.._core._hold.Hold` on the connection record. It keeps the code object and
+  hold (``_core._hold``, a list) on the connection record. It keeps the code object and
   line of the first application frame (found with a per-code-object cache, see
   ``_frames.SourceFinder.locate``), the open :func:`sqlprobe.scope`, the wait, and the
   checkout time. The statement wrappers add each statement's duration, its end and its
@@ -104,7 +104,20 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AssertionPool, Pool, QueuePool, StaticPool
 
 from .._core._frames import SourceFinder
-from .._core._hold import Hold, UnitTotals
+from .._core._hold import (
+    BEGUN,
+    BEGUN_SECONDS,
+    LAST,
+    REPORTED,
+    SECONDS,
+    START,
+    STATEMENTS,
+    TXN_IDLE,
+    UNIT,
+    WAIT,
+    Hold,
+    UnitTotals,
+)
 from .._core._records import Contain
 from .._core._scope import Scope, current_scope_getter
 from ._shadow import shadow
@@ -283,8 +296,9 @@ class PoolHooks:
         self._checkin_hook: Callable[[Pool], Callable[[Any], None]] | None = None
         #: sqlprobe's own PoolEvents listeners (left out of :meth:`side_connection`)
         self._own: set[Callable[..., Any]] = set()
-        #: the holds of the connections now checked out through the wrapper
-        self._holds: set[Hold] = set()
+        #: id -> hold of the connections now checked out through the wrapper (holds
+        #: are lists, so they are keyed by identity)
+        self._holds: dict[int, Hold] = {}
         #: the most holds out at once since the last :meth:`take_peak`
         self._peak = [0]
         self._finder = SourceFinder()
@@ -301,7 +315,7 @@ class PoolHooks:
         """The holds of the connections checked out now (any order)."""
         while True:
             try:
-                return list(self._holds)
+                return list(self._holds.values())
             except RuntimeError:  # changed size while copied by another thread
                 continue
 
@@ -469,6 +483,8 @@ class PoolHooks:
         held = self._holds
         hold_sink = self._hold_sink
         idle_sink = hold_sink.idle if hold_sink is not None else None
+        # The Prometheus series alone (no OTel pool metrics): use and idle in one update.
+        returned = getattr(hold_sink, "returned", None) if hold_sink is sink else None
         monitor = self._monitor
         report = monitor.checked_in if monitor is not None else None
         hold_threshold = monitor.hold_threshold if monitor is not None else 0.0
@@ -489,24 +505,27 @@ class PoolHooks:
                     sink.transaction("rollback", perf_counter() - begun)
                 if hold is not None:
                     now = perf_counter()
-                    use = now - hold.start
-                    held.discard(hold)
-                    idle = use - hold.seconds
+                    use = now - hold[START]
+                    held.pop(id(hold), None)
+                    idle = use - hold[SECONDS]
                     if idle < 0.0:
                         idle = 0.0
-                    unit = hold.unit
+                    unit = hold[UNIT]
                     if unit is not None:
-                        unit.statements += hold.statements
-                        unit.seconds += hold.seconds
-                        unit.wait += hold.wait
-                        hold.unit = None
-                    checkin(use)
-                    if idle_sink is not None:
-                        idle_sink(idle)
+                        unit.statements += hold[STATEMENTS]
+                        unit.seconds += hold[SECONDS]
+                        unit.wait += hold[WAIT]
+                        hold[UNIT] = None
+                    if returned is not None:
+                        returned(use, idle)
+                    else:
+                        checkin(use)
+                        if idle_sink is not None:
+                            idle_sink(idle)
                     if (
                         report is not None
-                        and not hold.reported
-                        and (use >= hold_threshold or hold.txn_idle >= txn_threshold)
+                        and not hold[REPORTED]
+                        and (use >= hold_threshold or hold[TXN_IDLE] >= txn_threshold)
                     ):
                         report(hold, now, use, idle)
             except Exception:
@@ -537,7 +556,7 @@ class PoolHooks:
             try:
                 hold = record.__dict__.pop(out_key, None)
                 if hold is not None:
-                    held.discard(hold)
+                    held.pop(id(hold), None)
                 with lock:
                     emptied[record] = time.time()
             except Exception:
@@ -548,7 +567,7 @@ class PoolHooks:
                 self._count_invalidation(record)
                 hold = record.__dict__.get(out_key)
                 if hold is not None:
-                    hold.begun = None  # the database rolled it back
+                    hold[BEGUN] = None  # the database rolled it back
                 begun = record.__dict__.pop(txn_key, None)
                 if begun is not None:
                     sink.transaction("rollback", perf_counter() - begun)
@@ -605,11 +624,11 @@ class PoolHooks:
             try:
                 # Checkouts of this unit still out: added as they stand now.
                 for hold in hooks.holders():
-                    if hold.unit is unit:
-                        unit.statements += hold.statements
-                        unit.seconds += hold.seconds
-                        unit.wait += hold.wait
-                        hold.unit = None
+                    if hold[UNIT] is unit:
+                        unit.statements += hold[STATEMENTS]
+                        unit.seconds += hold[SECONDS]
+                        unit.wait += hold[WAIT]
+                        hold[UNIT] = None
                 sink.unit(scope.label(), unit.statements, unit.seconds, unit.wait, limit)
             except Exception:
                 contain("pool")
@@ -693,16 +712,20 @@ class PoolHooks:
                 if out_key not in state:
                     if wait >= wait_threshold and exhausted is not None:
                         exhausted(wait, False)
-                    code, line = locate(getframe(1))
+                    code, lasti = locate(getframe(1))
                     scope = get_scope()
                     unit = None
                     if scope is not None:
                         unit = scope.state.get(hooks)
                         if unit is None:
                             unit = open_unit(scope)
-                    hold = state[out_key] = Hold(now, wait, code, line, scope, unit)
+                    # A hold: see _core._hold.new_hold for the fields.
+                    hold = state[out_key] = [
+                        now, wait, code, lasti, scope, unit, 0.0, 0, 0.0, None, None, 0.0,
+                        0.0, False,
+                    ]  # fmt: skip
                     if len(held) < MAX_HOLDS:
-                        held.add(hold)
+                        held[id(hold)] = hold
                         n = len(held)
                         if n > peak[0]:
                             peak[0] = n
@@ -753,21 +776,18 @@ class PoolHooks:
 
         out_key = self._out
 
-        def ended(state: dict[str, Any], start: float) -> None:
+        def ended(hold: Any, start: float) -> None:
             # The COMMIT/ROLLBACK is statement time of the checkout; the transaction's
             # time without a statement running is its idle-in-transaction time.
-            hold = state.get(out_key)
-            if hold is None:
-                return
             end = perf_counter()
-            hold.seconds += end - start
-            hold.last = end
-            begun = hold.begun
+            hold[SECONDS] += end - start
+            hold[LAST] = end
+            begun = hold[BEGUN]
             if begun is not None:
-                hold.begun = None
-                idle = (end - begun) - (hold.seconds - hold.begun_seconds)
-                if idle > hold.txn_idle:
-                    hold.txn_idle = idle
+                hold[BEGUN] = None
+                idle = (end - begun) - (hold[SECONDS] - hold[BEGUN_SECONDS])
+                if idle > hold[TXN_IDLE]:
+                    hold[TXN_IDLE] = idle
 
         def do_begin(connection: Any) -> None:
             start = perf_counter()
@@ -780,8 +800,8 @@ class PoolHooks:
                     state[key] = start
                     hold = state.get(out_key)
                     if hold is not None:
-                        hold.begun = start
-                        hold.begun_seconds = hold.seconds
+                        hold[BEGUN] = start
+                        hold[BEGUN_SECONDS] = hold[SECONDS]
                 except Exception:  # a dialect's ad-hoc connection: no timing
                     pass
 
@@ -806,10 +826,12 @@ class PoolHooks:
                 raise
             finally:
                 if state is not None:
-                    try:
-                        ended(state, start)
-                    except Exception:
-                        contain("pool")
+                    hold = state.get(out_key)
+                    if hold is not None:
+                        try:
+                            ended(hold, start)
+                        except Exception:
+                            contain("pool")
             if begun is not None:
                 try:
                     transaction("commit", perf_counter() - begun)
@@ -832,10 +854,12 @@ class PoolHooks:
                 raise
             finally:
                 if state is not None:
-                    try:
-                        ended(state, start)
-                    except Exception:
-                        contain("pool")
+                    hold = state.get(out_key)
+                    if hold is not None:
+                        try:
+                            ended(hold, start)
+                        except Exception:
+                            contain("pool")
                 if begun is not None:
                     try:
                         transaction("rollback", perf_counter() - begun)

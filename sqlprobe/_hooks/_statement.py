@@ -31,7 +31,7 @@ With ``hold_key`` (the pool hooks' attribute on the connection record, see ``_po
 each wrapper also adds the statement to the checkout's hold: its duration, its end and
 its text. The record is reached from the execution context the wrapper already has
 (``context._dbapi_connection._connection_record``), so this is one dictionary lookup
-and four stores per statement, no call and no lock; a connection that has no hold
+and four list-item stores per statement, no call and no lock; a connection that has no hold
 (checked out before attach, detached, a dialect's own cursor) is skipped.
 
 Detach removes the wrappers; if something wrapped them since (so removing ours would
@@ -45,9 +45,13 @@ from time import perf_counter
 from typing import Any
 
 from .._core._collector import Collector
+from .._core._hold import LAST, SECONDS, STATEMENT, STATEMENTS
 from ._shadow import shadow
 
 __all__ = ["Rewrite", "wrap_execution"]
+
+# The statement path writes a hold's fields by literal index (no global lookups).
+assert (SECONDS, STATEMENTS, LAST, STATEMENT) == (6, 7, 8, 9)
 
 #: sqlcommenter: the text to send for a statement text; never raises.
 Rewrite = Callable[[str], str]
@@ -64,10 +68,10 @@ def _held(context: Any, key: str, statement: str, start: float, end: float) -> N
     except Exception:
         return
     if hold is not None:
-        hold.seconds += end - start
-        hold.statements += 1
-        hold.last = end
-        hold.statement = statement
+        hold[SECONDS] += end - start
+        hold[STATEMENTS] += 1
+        hold[LAST] = end
+        hold[STATEMENT] = statement
 
 
 def wrap_execution(
@@ -106,11 +110,11 @@ def wrap_execution(
                 hold = context._dbapi_connection._connection_record.__dict__.get(key)
             except AttributeError:  # no context, or a connection detached from its pool
                 return
-            if hold is not None:
-                hold.seconds += end - start
-                hold.statements += 1
-                hold.last = end
-                hold.statement = statement
+            if hold is not None:  # see _core._hold: SECONDS, STATEMENTS, LAST, STATEMENT
+                hold[6] += end - start
+                hold[7] += 1
+                hold[8] = end
+                hold[9] = statement
 
         return execute
 
