@@ -169,6 +169,7 @@ class Probe:
         self.info: EngineInfo | None = None
         self.collector: Collector | None = None
         self._series: Any = None
+        self._pool: PoolHooks | None = None
 
     # -- public -------------------------------------------------------------------
 
@@ -196,6 +197,15 @@ class Probe:
     def probes(self) -> Sequence[Probe]:
         """The live engines a global probe attached (empty for an engine's probe)."""
         return tuple(p for p in self._children if p.attached)
+
+    @property
+    def pool_peak(self) -> int:
+        """The most connections of the engine's pool checked out at once since attach.
+
+        What the pool needed; compare it with ``pool_size + max_overflow`` (see the pool
+        sizing guide). 0 for the probe of ``attach()`` without an engine.
+        """
+        return self._pool.peak() if self._pool is not None else 0
 
     def statements(self) -> list[StatementStats]:
         """Totals per statement shape so far, largest total time first."""
@@ -282,7 +292,7 @@ class Probe:
 
         undo.append(release)
         try:
-            pool = PoolHooks(sync, contain=contain, error_name=error_name)
+            pool = self._pool = PoolHooks(sync, contain=contain, error_name=error_name)
             otel = _otel.build(
                 ctx,
                 tracer_provider=options.tracer_provider,

@@ -57,7 +57,7 @@ from .._core._hold import idle as idle_of
 from .._core._ratelimit import RateLimiter
 from .._core._records import AttachContext
 
-__all__ = ["MAX_HOLDERS", "STATEMENT_MAX_CHARS", "HoldMonitor"]
+__all__ = ["MAX_HOLDERS", "STATEMENT_MAX_CHARS", "HoldMonitor", "pool_advice", "suggested_pool"]
 
 #: Holders listed in one ``pool_exhausted`` event.
 MAX_HOLDERS = 20
@@ -206,3 +206,66 @@ class HoldMonitor:
             "in_transaction": in_transaction(hold),
             "statement": _shape(hold[STATEMENT]),
         }
+
+
+# -- pool sizing ---------------------------------------------------------------------
+
+
+def suggested_pool(peak: int) -> tuple[int, int]:
+    """``(pool_size, max_overflow)`` for a workload that needed ``peak`` connections.
+
+    A quarter of headroom (at least one connection) over the peak, and as much overflow
+    again for bursts the measurement did not see: enough for the load that was measured,
+    without reserving database connections nobody uses.
+    """
+    size = max(peak + max(1, -(-peak // 4)), 1)
+    return size, size
+
+
+def pool_advice(
+    *,
+    peak: int,
+    pool_size: int | None,
+    max_overflow: int | None,
+    timeouts: int,
+    mean_wait: float,
+    processes: int = 1,
+) -> str:
+    """One paragraph of pool sizing advice from what was measured.
+
+    ``peak`` is the most connections checked out at once, ``timeouts`` the checkouts
+    that gave up, ``mean_wait`` the mean checkout wait in seconds; ``pool_size`` and
+    ``max_overflow`` are the pool's settings (None for pools without them).
+    """
+    if pool_size is None or max_overflow is None or max_overflow < 0:
+        return f"pool sizing: at most {peak} connection(s) in use at once (a pool without a limit)"
+    limit = pool_size + max_overflow
+    if timeouts:
+        return (
+            f"pool sizing: {timeouts} checkout(s) timed out with {peak} of {limit} connections in "
+            "use: read the pool_exhausted events first (which code held the connections, "
+            "and whether it was talking to the database) before making the pool bigger"
+        )
+    if peak >= limit or mean_wait >= 0.01:
+        return (
+            f"pool sizing: {peak} of {limit} connections in use at the peak, mean wait "
+            f"{mean_wait * 1000:.1f} ms: the pool is the bottleneck; the pool_hold events "
+            "and the idle share say whether connections are held while idle (fix the code) "
+            "or busy on the database (raise pool_size)"
+        )
+    size, overflow = suggested_pool(peak)
+    if size + overflow >= limit:
+        return f"pool sizing: {peak} of {limit} connections in use at the peak: the size fits"
+    fleet = ""
+    if processes > 1:
+        fleet = f" (over {processes} processes, {processes * limit} instead of " + (
+            f"{processes * (size + overflow)})"
+        )
+    return (
+        f"pool sizing: at most {peak} of {limit} connections (pool_size={pool_size}, "
+        f"max_overflow={max_overflow}) were in use at once; pool_size={size}, "
+        f"max_overflow={overflow} serves this workload with the same waits and caps the "
+        f"process at {size + overflow} connections instead of {limit}{fleet}: when the "
+        "database slows down, the extra connections pile onto it rather than queue in "
+        "the application, where pool_exhausted names the code holding them"
+    )

@@ -301,6 +301,7 @@ class PoolHooks:
         self._holds: dict[int, Hold] = {}
         #: the most holds out at once since the last :meth:`take_peak`
         self._peak = [0]
+        self._peak_ever = 0
         self._finder = SourceFinder()
         self._hold_sink: HoldSink | None = None
         self._monitor: HoldMonitor | None = None
@@ -321,13 +322,15 @@ class PoolHooks:
 
     def take_peak(self) -> int:
         """The most connections out at once since the previous call; starts again."""
-        peak = self._peak[0]
+        peak = max(self._peak[0], len(self._holds))
         self._peak[0] = len(self._holds)
-        return max(peak, self._peak[0])
+        if peak > self._peak_ever:
+            self._peak_ever = peak
+        return peak
 
     def peak(self) -> int:
-        """The most connections out at once since the last :meth:`take_peak`."""
-        return max(self._peak[0], len(self._holds))
+        """The most connections out at once since attach."""
+        return max(self._peak_ever, self._peak[0], len(self._holds))
 
     def after_fork(self) -> None:
         """In a forked child: the parent's other threads' checkouts will never return."""
