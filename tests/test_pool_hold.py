@@ -336,7 +336,7 @@ def test_gunicorn_workers_name_the_holding_line(tmp_path: Any, unique: str) -> N
     env = {**os.environ, "SQLPROBE_TEST_HOLD_LOG": str(log), "SQLPROBE_TEST_PG_URL": PG_URL}
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "-b", f"127.0.0.1:{port}",
-         "tests.pool_hold_app:application"],
+         "--graceful-timeout", "2", "tests.pool_hold_app:application"],
         cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -362,7 +362,11 @@ def test_gunicorn_workers_name_the_holding_line(tmp_path: Any, unique: str) -> N
         wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, timeout=10)
     finally:
         server.terminate()
-        server.wait(10)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
     found = [json.loads(x) for x in log.read_text().splitlines()]
     holds = [e for e in found if e["event"] == "pool_hold"]
     assert len(holds) == 3, found

@@ -779,10 +779,12 @@ class PoolHooks:
 
         out_key = self._out
 
-        def ended(hold: Any, start: float) -> None:
+        def ended(state: dict[str, Any] | None, start: float, end: float) -> None:
             # The COMMIT/ROLLBACK is statement time of the checkout; the transaction's
             # time without a statement running is its idle-in-transaction time.
-            end = perf_counter()
+            hold = state.get(out_key) if state is not None else None
+            if hold is None:
+                return
             hold[SECONDS] += end - start
             hold[LAST] = end
             begun = hold[BEGUN]
@@ -820,26 +822,22 @@ class PoolHooks:
             try:
                 original_commit(connection)
             except BaseException as exc:
+                end = perf_counter()
                 failed("COMMIT", exc)
-                if begun is not None:
-                    try:
-                        transaction("rollback", perf_counter() - begun)
-                    except Exception:
-                        contain("pool")
-                raise
-            finally:
-                if state is not None:
-                    hold = state.get(out_key)
-                    if hold is not None:
-                        try:
-                            ended(hold, start)
-                        except Exception:
-                            contain("pool")
-            if begun is not None:
                 try:
-                    transaction("commit", perf_counter() - begun)
+                    ended(state, start, end)
+                    if begun is not None:
+                        transaction("rollback", end - begun)
                 except Exception:
                     contain("pool")
+                raise
+            end = perf_counter()
+            try:
+                ended(state, start, end)
+                if begun is not None:
+                    transaction("commit", end - begun)
+            except Exception:
+                contain("pool")
 
         def do_rollback(connection: Any) -> None:
             try:
@@ -856,18 +854,13 @@ class PoolHooks:
                 failed("ROLLBACK", exc)
                 raise
             finally:
-                if state is not None:
-                    hold = state.get(out_key)
-                    if hold is not None:
-                        try:
-                            ended(hold, start)
-                        except Exception:
-                            contain("pool")
-                if begun is not None:
-                    try:
-                        transaction("rollback", perf_counter() - begun)
-                    except Exception:
-                        contain("pool")
+                end = perf_counter()
+                try:
+                    ended(state, start, end)
+                    if begun is not None:
+                        transaction("rollback", end - begun)
+                except Exception:
+                    contain("pool")
 
         for name, fn in (
             ("do_begin", do_begin),
