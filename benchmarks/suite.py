@@ -298,6 +298,36 @@ def variants(with_otel: bool) -> list[Variant]:
     return out
 
 
+def _baseline_variant(path: str) -> Variant:
+    """``sqlprobe defaults`` of another checkout (``--baseline DIR``), loaded beside this one.
+
+    The other checkout's package is imported under the name ``sqlprobe_baseline`` (its
+    modules import each other relatively), so the code before and after a change are
+    timed in the same interleaved rounds of one run.
+    """
+    import importlib.util
+
+    package = os.path.join(os.path.abspath(path), "sqlprobe")
+    spec = importlib.util.spec_from_file_location(
+        "sqlprobe_baseline",
+        os.path.join(package, "__init__.py"),
+        submodule_search_locations=[package],
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sqlprobe_baseline"] = module
+    spec.loader.exec_module(module)
+
+    def setup(engine: Any) -> Teardown:
+        import structlog
+
+        quiet = structlog.wrap_logger(structlog.ReturnLogger())
+        probe = module.attach(engine, registry=CollectorRegistry(), logger=quiet)
+        return probe.detach  # type: ignore[no-any-return]
+
+    return Variant(f"baseline {os.path.basename(os.path.abspath(path))}: defaults", setup)
+
+
 def _otel_available() -> bool:
     try:
         import opentelemetry.instrumentation.sqlalchemy
@@ -902,6 +932,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default="", help="comma list of sections to run (default: all but --skip)"
     )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="another checkout whose sqlprobe defaults join the request section's variants",
+    )
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     only = set(filter(None, args.only.split(",")))
@@ -1013,6 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
             "otel-instrumentation-sqlalchemy",
         }
         rvs = [v for v in vs if v.name in keep]
+        if args.baseline:
+            rvs.insert(len(rvs) - 1 if with_otel else len(rvs), _baseline_variant(args.baseline))
         rr, rb = (5, 100) if q else (41, 200)
         emit("### Per request unit (checkout, begin, 3 primary-key SELECTs, commit, checkin)")
         with tempfile.TemporaryDirectory(prefix="sqlprobe-bench-") as tmp:

@@ -372,6 +372,55 @@ def queries_dashboard() -> Dashboard:
             ],
         )
     )
+    dashboard = dashboard.with_row(Row("Database time by route"))
+    dashboard = dashboard.with_panel(
+        graph(
+            "Database time by route",
+            "Statement time per second spent for each route or unit of work "
+            "(sqlprobe_scope_db_seconds: the requests of the middleware, sqlprobe.scope()). "
+            "The routes on top are what the database spends its time on.",
+            "s",
+            [
+                target(
+                    f"sum by (engine, route) ({rate('sqlprobe_scope_db_seconds_sum')})",
+                    "{{route}} {{engine}}",
+                )
+            ],
+        )
+    )
+    dashboard = dashboard.with_panel(
+        graph(
+            "Statements per request (p95)",
+            "95th percentile of statements per unit of work, by route "
+            "(sqlprobe_scope_statements). A high or growing count is an N+1 or a chatty "
+            "endpoint (alert SqlprobeStatementsPerRequestHigh).",
+            "short",
+            [
+                target(
+                    quantile(0.95, "sqlprobe_scope_statements", "engine, route"),
+                    "{{route}} {{engine}}",
+                )
+            ],
+        )
+    )
+    for title, family, what in (
+        ("Database time per request", "sqlprobe_scope_db_seconds", "statement time"),
+        ("Pool wait per request", "sqlprobe_scope_pool_wait_seconds", "pool checkout wait"),
+    ):
+        dashboard = dashboard.with_panel(
+            graph(
+                title,
+                f"Mean {what} per unit of work, by route ({family} sum / count).",
+                "s",
+                [
+                    target(
+                        f"sum by (engine, route) ({rate(family + '_sum')}) "
+                        f"/ sum by (engine, route) ({rate(family + '_count')})",
+                        "{{route}} {{engine}}",
+                    )
+                ],
+            )
+        )
     dashboard = dashboard.with_row(Row("Index advice"))
     dashboard = dashboard.with_panel(advice_table())
     return number_panels(dashboard)
@@ -575,6 +624,44 @@ def pool_dashboard() -> Dashboard:
             [
                 target(
                     f"({rollbacks} or {all_tx} * 0) / {all_tx}",
+                    "{{engine}}",
+                )
+            ],
+        )
+    )
+    dashboard = dashboard.with_row(Row("Holders and sizing"))
+    dashboard = dashboard.with_panel(
+        graph(
+            "Peak connections in use",
+            "The most connections checked out at once between scrapes "
+            "(sqlprobe_pool_peak_connections) against the pool's maximum: what the "
+            "workload needs, for sizing pool_size and max_overflow.",
+            "short",
+            [
+                target(
+                    f"max by (engine) (sqlprobe_pool_peak_connections{{{SEL}}})",
+                    "peak {{engine}}",
+                ),
+                target(
+                    f"sum by (engine) (sqlprobe_pool_max_connections{{{SEL}}})",
+                    "max {{engine}}",
+                    "B",
+                ),
+            ],
+        )
+    )
+    dashboard = dashboard.with_panel(
+        graph(
+            "Idle share of checked-out time",
+            "Share of the time connections were checked out in which no statement ran "
+            "(sqlprobe_pool_connection_idle_seconds / sqlprobe_pool_connection_use_seconds). "
+            "High: code holds connections while doing something else; the pool_hold log "
+            "events name it.",
+            "percentunit",
+            [
+                target(
+                    f"sum by (engine) ({rate('sqlprobe_pool_connection_idle_seconds_sum')}) "
+                    f"/ sum by (engine) ({rate('sqlprobe_pool_connection_use_seconds_sum')})",
                     "{{engine}}",
                 )
             ],

@@ -93,6 +93,8 @@ _UNSET: Any = object()
 #: Most shapes a single engine may export; a bound on the label cardinality an
 #: application can create by accident (string-built SQL) or an attacker by design.
 MAX_FINGERPRINTS_LIMIT = 100_000
+#: Most ``route`` label values a single engine may export (the per-route histograms).
+MAX_ROUTES_LIMIT = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,10 @@ class Options:
     explain: bool
     index_advice: bool
     buckets: tuple[float, ...]
+    pool_hold_threshold: float = 1.0
+    idle_in_transaction_threshold: float = 0.5
+    pool_wait_threshold: float = 1.0
+    max_routes: int = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,4 +445,18 @@ def build_options(kwargs: Mapping[str, Any], environ: Mapping[str, str] | None =
         explain=_check_bool("explain", kwargs.get("explain", False)),
         index_advice=_check_bool("index_advice", kwargs.get("index_advice", False)),
         buckets=_check_buckets(kwargs.get("buckets", DEFAULT_BUCKETS)),
+        pool_hold_threshold=_check_number(
+            "pool_hold_threshold", kwargs.get("pool_hold_threshold", 1.0), allow_zero=True
+        ),
+        idle_in_transaction_threshold=_check_number(
+            "idle_in_transaction_threshold",
+            kwargs.get("idle_in_transaction_threshold", 0.5),
+            allow_zero=True,
+        ),
+        pool_wait_threshold=_check_number(
+            "pool_wait_threshold", kwargs.get("pool_wait_threshold", 1.0), allow_zero=True
+        ),
+        max_routes=_check_int(
+            "max_routes", kwargs.get("max_routes", 200), minimum=1, maximum=MAX_ROUTES_LIMIT
+        ),
     )

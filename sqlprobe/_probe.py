@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL, Engine
 
 from . import _state
 from ._analysis._explain import Explainer
+from ._analysis._holds import HoldMonitor
 from ._analysis._nplusone import Detector
 from ._config import Options, build_options, env_enabled
 from ._core._collector import Collector
@@ -168,6 +169,7 @@ class Probe:
         self.info: EngineInfo | None = None
         self.collector: Collector | None = None
         self._series: Any = None
+        self._pool: PoolHooks | None = None
 
     # -- public -------------------------------------------------------------------
 
@@ -195,6 +197,15 @@ class Probe:
     def probes(self) -> Sequence[Probe]:
         """The live engines a global probe attached (empty for an engine's probe)."""
         return tuple(p for p in self._children if p.attached)
+
+    @property
+    def pool_peak(self) -> int:
+        """The most connections of the engine's pool checked out at once since attach.
+
+        What the pool needed; compare it with ``pool_size + max_overflow`` (see the pool
+        sizing guide). 0 for the probe of ``attach()`` without an engine.
+        """
+        return self._pool.peak() if self._pool is not None else 0
 
     def statements(self) -> list[StatementStats]:
         """Totals per statement shape so far, largest total time first."""
@@ -281,7 +292,7 @@ class Probe:
 
         undo.append(release)
         try:
-            pool = PoolHooks(sync, contain=contain, error_name=error_name)
+            pool = self._pool = PoolHooks(sync, contain=contain, error_name=error_name)
             otel = _otel.build(
                 ctx,
                 tracer_provider=options.tracer_provider,
@@ -354,6 +365,7 @@ class Probe:
                     collector,
                     rewrite=comment[0] if comment else None,
                     rewrite_no_params=comment[1] if comment else None,
+                    hold_key=pool.hold_key,
                 )
             )
 
@@ -362,7 +374,19 @@ class Probe:
             )
             series.add_pool(pool.snapshot, keeps_connections(sync.pool))
             undo.append(lambda: series.remove_pool(pool.snapshot))
-            undo.append(pool.install(pool_sink))
+            series.add_peak(pool.take_peak)
+            undo.append(lambda: series.remove_peak(pool.take_peak))
+            monitor = HoldMonitor(
+                ctx,
+                hold_threshold=options.pool_hold_threshold,
+                idle_in_transaction_threshold=options.idle_in_transaction_threshold,
+                wait_threshold=options.pool_wait_threshold,
+                holders=pool.holders,
+            )
+            undo.append(pool.install(pool_sink, series, monitor, max_routes=options.max_routes))
+            _state.on_fork(pool)
+            _state.watch(monitor)
+            undo.append(lambda: _state.unwatch(monitor))
         except BaseException:
             self.detach()
             raise
@@ -534,6 +558,10 @@ def attach(
     explain: bool = False,
     index_advice: bool = False,
     buckets: Sequence[float] | None = None,
+    pool_hold_threshold: float = 1.0,
+    idle_in_transaction_threshold: float = 0.5,
+    pool_wait_threshold: float = 1.0,
+    max_routes: int = 200,
 ) -> Probe:
     """Attach sqlprobe to an engine and return the :class:`Probe` that owns it.
 
@@ -548,6 +576,12 @@ def attach(
     ``index_advice=True`` (needs the ``advice`` extra) analyses slow SELECT shapes on a
     worker thread and suggests the index that would serve each, proven against the
     planner where the database allows (see the index advice documentation).
+
+    ``pool_hold_threshold`` (seconds, default 1), ``idle_in_transaction_threshold``
+    (default 0.5) and ``pool_wait_threshold`` (default 1) decide when a ``pool_hold``
+    or ``pool_exhausted`` event names the code holding the pool's connections;
+    ``max_routes`` (default 200) bounds the ``route`` label of the per-unit-of-work
+    histograms (further routes count as ``_other``).
 
     ``slow_query_threshold`` and ``capture_parameters`` default to the
     ``SQLPROBE_SLOW_QUERY_MS`` and ``SQLPROBE_CAPTURE_PARAMETERS`` environment
@@ -566,6 +600,10 @@ def attach(
         "sqlcommenter": sqlcommenter,
         "explain": explain,
         "index_advice": index_advice,
+        "pool_hold_threshold": pool_hold_threshold,
+        "idle_in_transaction_threshold": idle_in_transaction_threshold,
+        "pool_wait_threshold": pool_wait_threshold,
+        "max_routes": max_routes,
     }
     if slow_query_threshold is not None:
         kwargs["slow_query_threshold"] = slow_query_threshold

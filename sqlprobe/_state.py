@@ -11,7 +11,10 @@
 * how many probes need the ORM hook (it is added for the first, removed after the last);
 * the objects to reset in a forked child and to flush at interpreter exit, behind one
   ``os.register_at_fork`` handler and one ``atexit`` handler, both registered the first
-  time they are needed.
+  time they are needed;
+* the process's one watchdog thread (:data:`watchdog`), which looks at connections still
+  checked out for the pool-hold events: started by the first :func:`watch`, stopped
+  after the last :func:`unwatch` and at exit, started again in a forked child.
 
 Nothing here is created at import time beyond empty containers; the containers are
 reached only through attach, detach, scrapes and captures, which take :data:`lock`
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from ._core._ticker import Ticker
 from ._sinks._prometheus import PrometheusExporter
 
 if TYPE_CHECKING:
@@ -55,6 +59,9 @@ __all__ = [
     "remove_detection_listener",
     "retain_orm_hook",
     "run_deferred",
+    "unwatch",
+    "watch",
+    "watchdog",
 ]
 
 #: Guards every structure in this module (attach and detach are rare; no hot path here).
@@ -245,3 +252,21 @@ def at_exit(obj: Any) -> None:
             atexit.register(_at_exit)
             _registered.append("exit")
         _closers.add(obj)
+
+
+# -- the watchdog ---------------------------------------------------------------------
+
+#: The one thread per process that calls ``tick()`` of every pool-hold monitor.
+watchdog = Ticker("sqlprobe-watchdog")
+
+
+def watch(monitor: Any) -> None:
+    """Have the watchdog call ``monitor.tick()`` every ``monitor.interval`` seconds."""
+    on_fork(watchdog)
+    at_exit(watchdog)
+    watchdog.add(monitor)
+
+
+def unwatch(monitor: Any) -> None:
+    """Stop calling ``monitor``; the thread ends with the last one."""
+    watchdog.remove(monitor)

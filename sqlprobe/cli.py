@@ -469,10 +469,13 @@ def run_demo(
     previous = signal.signal(signal.SIGINT, on_sigint)
     previous_term = signal.signal(signal.SIGTERM, on_sigint)
 
+    # Each page is a unit of work (a request) that gives its connection back at the end,
+    # as a web request does: the per-route metrics count each page under its route.
     def n_plus_one_page(session: Session) -> None:
         with sqlprobe.scope("GET /users"):
             for user in session.scalars(select(User).order_by(User.id).limit(20)):
                 _ = len(user.orders)  # lazy load: one SELECT per user
+            session.commit()
 
     def eager_pages(session: Session) -> None:
         with sqlprobe.scope("GET /users?include=orders"):
@@ -480,6 +483,7 @@ def run_demo(
                 select(User).options(selectinload(User.orders)).order_by(User.id).limit(20)
             ).all()
             _ = sum(len(u.orders) for u in users)
+            session.commit()
         with sqlprobe.scope("GET /orders/recent"):
             recent = session.scalars(
                 select(Order)
@@ -488,6 +492,7 @@ def run_demo(
                 .limit(10)
             ).all()
             _ = [o.user.name for o in recent]
+            session.commit()
 
     def articles(session: Session) -> None:
         user = session.get(User, 1)
@@ -673,6 +678,8 @@ def _print_findings(
     from prometheus_client import REGISTRY
     from rich.rule import Rule
 
+    from ._analysis._holds import pool_advice
+
     def say(text: str = "", indent: int = 0) -> None:
         # Wrapped between words (never inside a name), so a statement is whole when piped.
         lines = textwrap.wrap(
@@ -721,6 +728,18 @@ def _print_findings(
     timeouts = sample("sqlprobe_pool_checkout_timeouts_total")
     mean_wait = f", mean wait {waited / checkouts * 1000:.2f} ms" if checkouts else ""
     say(f"pool: {checkouts:.0f} checkouts{mean_wait}, {timeouts:.0f} timeouts")
+    pool: Any = getattr(probe.engine, "pool", None)
+    size = pool.size() if callable(getattr(pool, "size", None)) else None
+    overflow = getattr(pool, "_max_overflow", None)
+    say(
+        pool_advice(
+            peak=probe.pool_peak,
+            pool_size=size if isinstance(size, int) else None,
+            max_overflow=overflow if isinstance(overflow, int) else None,
+            timeouts=int(timeouts),
+            mean_wait=waited / checkouts if checkouts else 0.0,
+        )
+    )
     commits = sample("sqlprobe_transaction_duration_seconds_count", outcome="commit")
     rollbacks = sample("sqlprobe_transaction_duration_seconds_count", outcome="rollback")
     say(f"transactions: {commits:.0f} committed, {rollbacks:.0f} rolled back")

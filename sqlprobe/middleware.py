@@ -27,6 +27,11 @@ endpoint) and keeps the answer once found:
   returns the template or None. Until a template is known, the route is the request
   path (so a name may carry ids; it is only ever a log field, never a metric label).
 
+The per-route metrics (``sqlprobe_scope_*{route}``) use :meth:`RequestScope.label`:
+``"METHOD template"`` once a template is known, ``"METHOD _unmatched"`` for a request
+no route matched (a 404, or a framework sqlprobe cannot read), never the path itself.
+Methods outside the standard HTTP set are labelled ``OTHER``.
+
 Only ``http`` requests get a scope; lifespan and websocket traffic passes through.
 """
 
@@ -45,6 +50,13 @@ ASGIApp = Callable[
     Awaitable[None],
 ]
 RouteLookup = Callable[[], "str | None"]
+
+#: HTTP methods that appear as themselves in a metric label (others: ``OTHER``).
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+#: The route of a request whose template is not known.
+UNMATCHED = "_unmatched"
 
 
 class RequestScope(Scope):
@@ -93,6 +105,16 @@ class RequestScope(Scope):
     @name.setter
     def name(self, value: str) -> None:
         self._fixed_name = value
+
+    def label(self) -> str:
+        """``"METHOD template"``, or ``"METHOD _unmatched"``: never the raw path."""
+        fixed = self._fixed_name
+        if fixed is not None:
+            return fixed
+        if self._fixed_route is None:
+            _ = self.route  # looks the template up (and keeps it) if it can be known now
+        method = self._method if self._method in HTTP_METHODS else "OTHER"
+        return f"{method} {self._fixed_route or UNMATCHED}"
 
 
 def _asgi_route(scope: MutableMapping[str, Any], root_path: str) -> str | None:
@@ -178,12 +200,14 @@ class _ScopedIterable:
     def close(self) -> None:
         close = getattr(self._body, "close", None)
         if close is None:
+            self._scope.finish()
             return
         token = _current.set(self._scope)
         try:
             close()
         finally:
             _current.reset(token)
+            self._scope.finish()  # the request is over: its per-route totals are final
 
 
 class SqlprobeWSGIMiddleware:
@@ -220,6 +244,9 @@ class SqlprobeWSGIMiddleware:
         token = _current.set(request_scope)
         try:
             body = self.app(environ, start_response)
+        except BaseException:
+            request_scope.finish()
+            raise
         finally:
             _current.reset(token)
         return _ScopedIterable(body, request_scope)

@@ -45,6 +45,7 @@ def run(registry: Any, directory: str) -> list[Any]:
         conn.execute(text("DELETE FROM t"))
         conn.execute(text("INSERT INTO t (id, v) VALUES (1, 1), (2, 2), (3, 3)"))
         conn.execute(text("UPDATE t SET v = v + 1"))
+    # A unit of work: the per-route histograms (and the idle and peak pool series).
     with sqlprobe.scope("families"), engine.connect() as conn:
         for i in range(6):  # one SELECT per item: an N+1
             conn.execute(text("SELECT v FROM t WHERE id = :id"), {"id": i})

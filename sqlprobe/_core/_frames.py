@@ -36,7 +36,7 @@ import sys
 import sysconfig
 import threading
 from collections.abc import Callable
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 __all__ = ["DEMO_MODULES", "LIBRARY_PACKAGES", "SourceFinder"]
@@ -126,6 +126,9 @@ class SourceFinder:
         # greenlet is looked up when a source is wanted, and only if something already
         # imported it (SQLAlchemy's asyncio support does): sqlprobe must not import it.
         self._getcurrent: Callable[[], Any] | None = None
+        #: code object -> whether it is a library's (the checkout path's cache: a code
+        #: object belongs to one file and module, so the decision holds for all its frames)
+        self._codes: dict[CodeType, bool] = {}
 
     def is_library(self, frame: FrameType) -> bool:
         """Whether ``frame`` belongs to sqlprobe, SQLAlchemy, the stdlib or a driver."""
@@ -174,6 +177,51 @@ class SourceFinder:
             parent = getattr(greenlet, "parent", None)
             if parent is None or hops >= MAX_GREENLET_HOPS:
                 return None
+            greenlet = parent
+            frame = getattr(parent, "gr_frame", None)
+            hops += 1
+
+    def locate(self, frame: FrameType | None) -> tuple[CodeType | None, int]:
+        """The code object and instruction offset of the first application frame.
+
+        ``(None, 0)`` when no frame is the application's; ``_hold.line_of`` turns the
+        offset into the line.
+
+        The same walk as :meth:`application_frame`, for every pool checkout: decisions
+        are cached per code object (one dictionary lookup per frame, no path work), and
+        only the code object and the offset are kept, never the frame, so nothing of
+        the caller's locals outlives the call. Lines and names are resolved when an
+        event is written (:func:`~._hold.describe_code`).
+        """
+        codes = self._codes
+        greenlet: Any = None
+        hops = 0
+        while True:
+            steps = 0
+            while frame is not None and steps < MAX_FRAMES:
+                code = frame.f_code
+                library = codes.get(code)
+                if library is None:
+                    library = self.is_library(frame)
+                    if len(codes) >= MAX_CACHED_FILES:
+                        codes.clear()
+                    codes[code] = library
+                if not library:
+                    return code, frame.f_lasti
+                frame = frame.f_back
+                steps += 1
+            # No application frame in this greenlet's stack: an AsyncEngine's checkout
+            # runs in the greenlet SQLAlchemy spawned; continue in its parent's stack.
+            if hops == 0:
+                if self._getcurrent is None:
+                    module = sys.modules.get("greenlet")
+                    if module is None:
+                        return None, 0
+                    self._getcurrent = module.getcurrent
+                greenlet = self._getcurrent()
+            parent = getattr(greenlet, "parent", None)
+            if parent is None or hops >= MAX_GREENLET_HOPS:
+                return None, 0
             greenlet = parent
             frame = getattr(parent, "gr_frame", None)
             hops += 1

@@ -53,10 +53,12 @@ class Scope:
     """One open unit of work; also a context manager and a decorator.
 
     ``state`` is scratch space for sqlprobe's features (N+1 repeat counts), created
-    with the scope and dropped with it, so nothing outlives the unit of work.
+    with the scope and dropped with it, so nothing outlives the unit of work. Features
+    that report once per unit of work (the per-route statement and pool histograms)
+    register a function with :meth:`on_exit`; it runs when the scope ends.
     """
 
-    __slots__ = ("_tokens", "action", "controller", "name", "route", "state")
+    __slots__ = ("_exits", "_tokens", "action", "controller", "name", "route", "state")
 
     def __init__(
         self,
@@ -74,6 +76,7 @@ class Scope:
         self.action = action
         self.state: dict[Any, Any] = {}
         self._tokens: list[Token[Scope | None]] = []
+        self._exits: list[Callable[[Scope], None]] | None = None
 
     def __enter__(self) -> Scope:
         self.state = {}
@@ -88,7 +91,33 @@ class Scope:
             # Exited in another context than it was entered in (a generator moved
             # between tasks): clear it rather than raise into the application.
             _current.set(None)
+        self.finish()
         self.state = {}
+
+    def label(self) -> str:
+        """The ``route`` label of this unit of work's metrics: the scope's name.
+
+        A request scope answers with its route template instead of the path (see
+        ``sqlprobe.middleware``), so ids in paths never become label values.
+        """
+        return self.name
+
+    def on_exit(self, fn: Callable[[Scope], None]) -> None:
+        """Call ``fn(scope)`` once when this unit of work ends (never raises into it)."""
+        if self._exits is None:
+            self._exits = [fn]
+        else:
+            self._exits.append(fn)
+
+    def finish(self) -> None:
+        """Run the :meth:`on_exit` functions now (a request scope ends without ``with``)."""
+        exits, self._exits = self._exits, None
+        if exits:
+            for fn in exits:
+                try:
+                    fn(self)
+                except Exception:  # a feature's report must never break the application
+                    continue
 
     def __call__(self, fn: F) -> F:
         """Use the scope as a decorator: each call of ``fn`` runs in a fresh scope."""

@@ -65,12 +65,33 @@ dispatch path (about 2.2 µs per statement).
   connection invalidated while the transaction was open. In ``AUTOCOMMIT`` isolation
   SQLAlchemy still brackets work in begin/commit, and so is counted.
 
+* **Hold attribution** (``pool_hold``/``pool_exhausted`` events, the idle histogram,
+  the per-unit-of-work histograms, the peak gauge): the ``connect`` wrapper leaves a
+  hold (``_core._hold``, a list) on the connection record. It keeps the code object and
+  line of the first application frame (found with a per-code-object cache, see
+  ``_frames.SourceFinder.locate``), the open :func:`sqlprobe.scope`, the wait, and the
+  checkout time. The statement wrappers add each statement's duration, its end and its
+  text to that hold (``_statement``: one dictionary lookup on the record they reach
+  through the execution context, a few stores); the transaction wrappers add COMMIT and
+  ROLLBACK time and note when a transaction begins and how much of it ran no
+  statement. The check-in computes idle = use - statement time. The holds still out are
+  kept in one set per engine (for the watchdog thread and the ``pool_exhausted`` list);
+  its size after each checkout is the in-use count whose maximum the peak gauge shows.
+* **Units of work**: the first checkout in a scope opens that scope's totals for this
+  engine (statements, statement time, pool wait); each check-in adds its hold to them,
+  and when the scope ends its totals become one observation of each
+  ``sqlprobe_scope_*`` histogram under the scope's label (holds still out then are
+  added as they stand).
+
 The measurements go to a :class:`PoolSink` (the Prometheus series, the OTel metrics,
-the multiprocess writer: whatever the probe wired), never to a metric directly.
+the multiprocess writer: whatever the probe wired), never to a metric directly; the
+hold measurements go to a :class:`HoldSink` (the Prometheus series) and the events
+to a :class:`HoldMonitor`.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import weakref
@@ -82,10 +103,39 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AssertionPool, Pool, QueuePool, StaticPool
 
+from .._core._frames import SourceFinder
+from .._core._hold import (
+    BEGUN,
+    BEGUN_SECONDS,
+    LAST,
+    REPORTED,
+    SECONDS,
+    START,
+    STATEMENTS,
+    TXN_IDLE,
+    UNIT,
+    WAIT,
+    Hold,
+    UnitTotals,
+)
 from .._core._records import Contain
+from .._core._scope import Scope, current_scope_getter
 from ._shadow import shadow
 
-__all__ = ["PoolFanout", "PoolHooks", "PoolSink", "Snapshot", "keeps_connections"]
+__all__ = [
+    "MAX_HOLDS",
+    "HoldMonitor",
+    "HoldSink",
+    "PoolFanout",
+    "PoolHooks",
+    "PoolSink",
+    "Snapshot",
+    "keeps_connections",
+]
+
+#: Checkouts tracked at once per engine for the watchdog and the holders list (a pool
+#: bigger than this, or connections leaked by the thousand, are still measured).
+MAX_HOLDS = 10_000
 
 #: ``(idle, used, max)`` connections of a pool now; ``max`` None when unbounded.
 Snapshot = tuple[int, int, "int | None"]
@@ -121,6 +171,33 @@ class PoolSink(Protocol):
 
     def statement_failed(self, operation: str, error: str) -> None:
         """A COMMIT or ROLLBACK failed in the driver (``error``: the class name)."""
+
+
+class HoldSink(Protocol):
+    """Receives the hold measurements of one engine (the Prometheus series)."""
+
+    def idle(self, seconds: float) -> None:
+        """A connection was checked in after ``seconds`` out with no statement running."""
+
+    def unit(self, route: str, statements: int, seconds: float, wait: float, limit: int) -> None:
+        """A unit of work ended: its statements, statement time and pool wait.
+
+        ``limit`` is the most ``route`` labels to keep (further ones count as ``_other``).
+        """
+
+
+class HoldMonitor(Protocol):
+    """Writes the ``pool_hold`` and ``pool_exhausted`` events (see ``_analysis._holds``)."""
+
+    hold_threshold: float
+    idle_in_transaction_threshold: float
+    wait_threshold: float
+
+    def checked_in(self, hold: Hold, now: float, held: float, idle: float) -> None:
+        """A checkout over a threshold ended (called only when one was crossed)."""
+
+    def exhausted(self, waited: float, timed_out: bool) -> None:
+        """A checkout waited ``waited`` seconds (and gave up when ``timed_out``)."""
 
 
 def _limit(pool: Pool) -> int | None:
@@ -219,6 +296,46 @@ class PoolHooks:
         self._checkin_hook: Callable[[Pool], Callable[[Any], None]] | None = None
         #: sqlprobe's own PoolEvents listeners (left out of :meth:`side_connection`)
         self._own: set[Callable[..., Any]] = set()
+        #: id -> hold of the connections now checked out through the wrapper (holds
+        #: are lists, so they are keyed by identity)
+        self._holds: dict[int, Hold] = {}
+        #: the most holds out at once since the last :meth:`take_peak`
+        self._peak = [0]
+        self._peak_ever = 0
+        self._finder = SourceFinder()
+        self._hold_sink: HoldSink | None = None
+        self._monitor: HoldMonitor | None = None
+        self._max_routes = 200
+
+    @property
+    def hold_key(self) -> str:
+        """The connection-record attribute holding the :class:`Hold` of a checkout."""
+        return self._out
+
+    def holders(self) -> list[Hold]:
+        """The holds of the connections checked out now (any order)."""
+        while True:
+            try:
+                return list(self._holds.values())
+            except RuntimeError:  # changed size while copied by another thread
+                continue
+
+    def take_peak(self) -> int:
+        """The most connections out at once since the previous call; starts again."""
+        peak = max(self._peak[0], len(self._holds))
+        self._peak[0] = len(self._holds)
+        if peak > self._peak_ever:
+            self._peak_ever = peak
+        return peak
+
+    def peak(self) -> int:
+        """The most connections out at once since attach."""
+        return max(self._peak_ever, self._peak[0], len(self._holds))
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's other threads' checkouts will never return."""
+        self._holds.clear()
+        self._peak[0] = 0
 
     # -- gauges -------------------------------------------------------------------------
 
@@ -289,11 +406,25 @@ class PoolHooks:
 
     # -- wiring -------------------------------------------------------------------------
 
-    def install(self, sink: PoolSink) -> Callable[[], None]:
-        """Wire the engine's pool, its PoolEvents and its dialect to ``sink``; return the undo."""
+    def install(
+        self,
+        sink: PoolSink,
+        holds: HoldSink | None = None,
+        monitor: HoldMonitor | None = None,
+        *,
+        max_routes: int = 200,
+    ) -> Callable[[], None]:
+        """Wire the engine's pool, its PoolEvents and its dialect to ``sink``; return the undo.
+
+        ``holds`` receives the idle and per-unit-of-work measurements, ``monitor`` the
+        checkouts over its thresholds; either may be None (nothing of it is measured).
+        """
         engine = self._engine_ref()
         assert engine is not None
         self._sink = sink
+        self._hold_sink = holds
+        self._monitor = monitor
+        self._max_routes = max_routes
         listeners = self._listeners(engine)
         try:
             for target, name, fn in listeners:
@@ -352,11 +483,20 @@ class PoolHooks:
                 contain("pool")
 
         checkin = sink.checkin
+        held = self._holds
+        hold_sink = self._hold_sink
+        idle_sink = hold_sink.idle if hold_sink is not None else None
+        # The Prometheus series alone (no OTel pool metrics): use and idle in one update.
+        returned = getattr(hold_sink, "returned", None) if hold_sink is sink else None
+        monitor = self._monitor
+        report = monitor.checked_in if monitor is not None else None
+        hold_threshold = monitor.hold_threshold if monitor is not None else 0.0
+        txn_threshold = monitor.idle_in_transaction_threshold if monitor is not None else 0.0
 
         def on_checkin(dbapi_connection: Any, record: Any) -> None:
             try:
                 state = record.__dict__
-                start = state.pop(out_key, None)
+                hold = state.pop(out_key, None)
                 # A transaction still open here ended without SQLAlchemy rolling it
                 # back through the dialect (e.g. an asyncio connection collected by
                 # the garbage collector): the database rolls it back.
@@ -366,8 +506,31 @@ class PoolHooks:
                         emptied[record] = time.time()
                 if begun is not None:
                     sink.transaction("rollback", perf_counter() - begun)
-                if start is not None:
-                    checkin(perf_counter() - start)
+                if hold is not None:
+                    now = perf_counter()
+                    use = now - hold[START]
+                    held.pop(id(hold), None)
+                    idle = use - hold[SECONDS]
+                    if idle < 0.0:
+                        idle = 0.0
+                    unit = hold[UNIT]
+                    if unit is not None:
+                        unit.statements += hold[STATEMENTS]
+                        unit.seconds += hold[SECONDS]
+                        unit.wait += hold[WAIT]
+                        hold[UNIT] = None
+                    if returned is not None:
+                        returned(use, idle)
+                    else:
+                        checkin(use)
+                        if idle_sink is not None:
+                            idle_sink(idle)
+                    if (
+                        report is not None
+                        and not hold[REPORTED]
+                        and (use >= hold_threshold or hold[TXN_IDLE] >= txn_threshold)
+                    ):
+                        report(hold, now, use, idle)
             except Exception:
                 contain("pool")
 
@@ -394,7 +557,9 @@ class PoolHooks:
 
         def on_detach(dbapi_connection: Any, record: Any) -> None:
             try:
-                record.__dict__.pop(out_key, None)
+                hold = record.__dict__.pop(out_key, None)
+                if hold is not None:
+                    held.pop(id(hold), None)
                 with lock:
                     emptied[record] = time.time()
             except Exception:
@@ -403,6 +568,9 @@ class PoolHooks:
         def on_invalidate(dbapi_connection: Any, record: Any, exception: Any) -> None:
             try:
                 self._count_invalidation(record)
+                hold = record.__dict__.get(out_key)
+                if hold is not None:
+                    hold[BEGUN] = None  # the database rolled it back
                 begun = record.__dict__.pop(txn_key, None)
                 if begun is not None:
                     sink.transaction("rollback", perf_counter() - begun)
@@ -441,6 +609,36 @@ class PoolHooks:
             (engine, "close", on_close),
         ]
 
+    def _open_unit(self, scope: Scope) -> UnitTotals | None:
+        """The totals of ``scope`` for this engine, made at its first checkout here."""
+        sink = self._hold_sink
+        if sink is None:
+            return None
+        unit = scope.state[self] = UnitTotals()
+        scope.label()  # a request's route template is readable now (inside the endpoint)
+        contain = self._contain
+        limit = self._max_routes
+        hooks_ref = weakref.ref(self)
+
+        def close(scope: Scope) -> None:
+            hooks = hooks_ref()
+            if hooks is None or not hooks._active:
+                return
+            try:
+                # Checkouts of this unit still out: added as they stand now.
+                for hold in hooks.holders():
+                    if hold[UNIT] is unit:
+                        unit.statements += hold[STATEMENTS]
+                        unit.seconds += hold[SECONDS]
+                        unit.wait += hold[WAIT]
+                        hold[UNIT] = None
+                sink.unit(scope.label(), unit.statements, unit.seconds, unit.wait, limit)
+            except Exception:
+                contain("pool")
+
+        scope.on_exit(close)
+        return unit
+
     def _wire_pool(self, pool: Pool) -> None:
         """Wrap ``pool.connect`` (checkout wait, timeouts) and ``pool.recreate`` (dispose).
 
@@ -474,6 +672,15 @@ class PoolHooks:
         error_name = self._error_name
 
         checkout = sink.checkout
+        held = self._holds
+        peak = self._peak
+        locate = self._finder.locate
+        get_scope = current_scope_getter()
+        getframe = sys._getframe
+        open_unit = self._open_unit
+        monitor = self._monitor
+        exhausted = monitor.exhausted if monitor is not None else None
+        wait_threshold = monitor.wait_threshold if monitor is not None else float("inf")
 
         def connect() -> Any:
             if not hooks._active:
@@ -487,6 +694,8 @@ class PoolHooks:
             except sa_exc.TimeoutError:
                 try:
                     sink.timeout()
+                    if exhausted is not None:
+                        exhausted(perf_counter() - start, True)
                 except Exception:
                     contain("pool")
                 raise
@@ -500,11 +709,30 @@ class PoolHooks:
             now = perf_counter()
             try:
                 # The use time runs from here to the check-in. A re-entrant checkout of
-                # the same connection (SingletonThreadPool) keeps the first start.
+                # the same connection (SingletonThreadPool) keeps the first hold.
                 state = connection._connection_record.__dict__
+                wait = now - start
                 if out_key not in state:
-                    state[out_key] = now
-                checkout(now - start)
+                    if wait >= wait_threshold and exhausted is not None:
+                        exhausted(wait, False)
+                    code, lasti = locate(getframe(1))
+                    scope = get_scope()
+                    unit = None
+                    if scope is not None:
+                        unit = scope.state.get(hooks)
+                        if unit is None:
+                            unit = open_unit(scope)
+                    # A hold: see _core._hold.new_hold for the fields.
+                    hold = state[out_key] = [
+                        now, wait, code, lasti, scope, unit, 0.0, 0, 0.0, None, None, 0.0,
+                        0.0, False,
+                    ]  # fmt: skip
+                    if len(held) < MAX_HOLDS:
+                        held[id(hold)] = hold
+                        n = len(held)
+                        if n > peak[0]:
+                            peak[0] = n
+                checkout(wait)
             except Exception:
                 contain("pool")
             return connection
@@ -549,6 +777,23 @@ class PoolHooks:
                 except Exception:
                     contain("pool")
 
+        out_key = self._out
+
+        def ended(state: dict[str, Any] | None, start: float, end: float) -> None:
+            # The COMMIT/ROLLBACK is statement time of the checkout; the transaction's
+            # time without a statement running is its idle-in-transaction time.
+            hold = state.get(out_key) if state is not None else None
+            if hold is None:
+                return
+            hold[SECONDS] += end - start
+            hold[LAST] = end
+            begun = hold[BEGUN]
+            if begun is not None:
+                hold[BEGUN] = None
+                idle = (end - begun) - (hold[SECONDS] - hold[BEGUN_SECONDS])
+                if idle > hold[TXN_IDLE]:
+                    hold[TXN_IDLE] = idle
+
         def do_begin(connection: Any) -> None:
             start = perf_counter()
             original_begin(connection)
@@ -556,49 +801,66 @@ class PoolHooks:
                 try:
                     # On the pool's record; a detached connection has none: on itself.
                     record = connection._connection_record
-                    (connection if record is None else record).__dict__[key] = start
+                    state = (connection if record is None else record).__dict__
+                    state[key] = start
+                    hold = state.get(out_key)
+                    if hold is not None:
+                        hold[BEGUN] = start
+                        hold[BEGUN_SECONDS] = hold[SECONDS]
                 except Exception:  # a dialect's ad-hoc connection: no timing
                     pass
 
         def do_commit(connection: Any) -> None:
             try:
                 record = connection._connection_record
-                begun = (connection if record is None else record).__dict__.pop(key, None)
+                state = (connection if record is None else record).__dict__
+                begun = state.pop(key, None)
             except Exception:
+                state = None
                 begun = None
+            start = perf_counter()
             try:
                 original_commit(connection)
             except BaseException as exc:
+                end = perf_counter()
                 failed("COMMIT", exc)
-                if begun is not None:
-                    try:
-                        transaction("rollback", perf_counter() - begun)
-                    except Exception:
-                        contain("pool")
-                raise
-            if begun is not None:
                 try:
-                    transaction("commit", perf_counter() - begun)
+                    ended(state, start, end)
+                    if begun is not None:
+                        transaction("rollback", end - begun)
                 except Exception:
                     contain("pool")
+                raise
+            end = perf_counter()
+            try:
+                ended(state, start, end)
+                if begun is not None:
+                    transaction("commit", end - begun)
+            except Exception:
+                contain("pool")
 
         def do_rollback(connection: Any) -> None:
             try:
                 record = connection._connection_record
-                begun = (connection if record is None else record).__dict__.pop(key, None)
+                state = (connection if record is None else record).__dict__
+                begun = state.pop(key, None)
             except Exception:
+                state = None
                 begun = None
+            start = perf_counter()
             try:
                 original_rollback(connection)
             except BaseException as exc:
                 failed("ROLLBACK", exc)
                 raise
             finally:
-                if begun is not None:
-                    try:
-                        transaction("rollback", perf_counter() - begun)
-                    except Exception:
-                        contain("pool")
+                end = perf_counter()
+                try:
+                    ended(state, start, end)
+                    if begun is not None:
+                        transaction("rollback", end - begun)
+                except Exception:
+                    contain("pool")
 
         for name, fn in (
             ("do_begin", do_begin),

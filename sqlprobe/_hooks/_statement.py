@@ -27,6 +27,13 @@ The same body serves all three methods and all option sets; sqlcommenter, when o
 a ``rewrite`` step applied to the text sent to the driver (the collector still sees
 the original text, so commented variants never multiply cache entries or shapes).
 
+With ``hold_key`` (the pool hooks' attribute on the connection record, see ``_pool``),
+each wrapper also adds the statement to the checkout's hold: its duration, its end and
+its text. The record is reached from the execution context the wrapper already has
+(``context._dbapi_connection._connection_record``), so this is one dictionary lookup
+and four list-item stores per statement, no call and no lock; a connection that has no hold
+(checked out before attach, detached, a dialect's own cursor) is skipped.
+
 Detach removes the wrappers; if something wrapped them since (so removing ours would
 break its chain), ours are left in place as pass-throughs that measure nothing.
 """
@@ -38,9 +45,13 @@ from time import perf_counter
 from typing import Any
 
 from .._core._collector import Collector
+from .._core._hold import LAST, SECONDS, STATEMENT, STATEMENTS
 from ._shadow import shadow
 
 __all__ = ["Rewrite", "wrap_execution"]
+
+# The statement path writes a hold's fields by literal index (no global lookups).
+assert (SECONDS, STATEMENTS, LAST, STATEMENT) == (6, 7, 8, 9)
 
 #: sqlcommenter: the text to send for a statement text; never raises.
 Rewrite = Callable[[str], str]
@@ -50,20 +61,36 @@ def _ignore_ok(*_args: Any) -> None:
     return None
 
 
+def _held(context: Any, key: str, statement: str, start: float, end: float) -> None:
+    """Add a failed statement to its checkout's hold (the database did the work)."""
+    try:
+        hold = context._dbapi_connection._connection_record.__dict__.get(key)
+    except Exception:
+        return
+    if hold is not None:
+        hold[SECONDS] += end - start
+        hold[STATEMENTS] += 1
+        hold[LAST] = end
+        hold[STATEMENT] = statement
+
+
 def wrap_execution(
     dialect: Any,
     collector: Collector,
     *,
     rewrite: Rewrite | None = None,
     rewrite_no_params: Rewrite | None = None,
+    hold_key: str = "",
 ) -> Callable[[], None]:
     """Wrap ``dialect``'s execution methods to time statements; return the undo.
 
     ``rewrite`` (``rewrite_no_params`` for ``do_execute_no_params``, where a ``%`` needs
-    no escaping) changes the text sent to the driver.
+    no escaping) changes the text sent to the driver. ``hold_key`` names the checkout's
+    hold on the connection record (empty: none is kept).
     """
     observe: Callable[..., None] = collector.observe
     failed: Callable[..., None] = collector.failed
+    key = hold_key
 
     def timed(original: Callable[..., Any], batched: bool, rewrite: Rewrite | None) -> Any:
         def execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
@@ -73,9 +100,21 @@ def wrap_execution(
             try:
                 original(cursor, sent, parameters, context)
             except BaseException as exc:
-                failed(statement, start, perf_counter(), context, parameters, batch, exc)
+                end = perf_counter()
+                failed(statement, start, end, context, parameters, batch, exc)
+                _held(context, key, statement, start, end)
                 raise
-            observe(statement, start, perf_counter(), cursor, context, parameters, batch)
+            end = perf_counter()
+            observe(statement, start, end, cursor, context, parameters, batch)
+            try:
+                hold = context._dbapi_connection._connection_record.__dict__.get(key)
+            except AttributeError:  # no context, or a connection detached from its pool
+                return
+            if hold is not None:  # see _core._hold: SECONDS, STATEMENTS, LAST, STATEMENT
+                hold[6] += end - start
+                hold[7] += 1
+                hold[8] = end
+                hold[9] = statement
 
         return execute
 

@@ -10,7 +10,8 @@ Buckets: ``duration`` families use the probe's ``buckets`` (default
 :data:`DEFAULT_BUCKETS`, 100 µs to 10 s); ``pool`` families use the probe's ``buckets``
 when given, else the default extended to 30, 60 and 300 s, because pool waits reach
 ``pool_timeout`` (30 s by default) and connections are held for as long as a request
-or a job runs; ``count`` families count statements, not seconds.
+or a job runs; ``count`` families count statements, not seconds (the
+statements per unit of work).
 """
 
 from __future__ import annotations
@@ -98,11 +99,15 @@ FAMILIES: tuple[Family, ...] = (
        "Time spent waiting for a connection from the pool.", "pool"),
     _h("sqlprobe_pool_connection_use_seconds", E,
        "Time a connection stayed checked out.", "pool"),
+    _h("sqlprobe_pool_connection_idle_seconds", E,
+       "Per check-in: the part of the checked-out time in which no statement ran.", "pool"),
     _h("sqlprobe_pool_connect_seconds", E, "Time to open a new DBAPI connection.", "pool"),
     _g("sqlprobe_pool_connections", (*E, "state"),
        "Connections now in the pool, by state (idle, used).", "livesum"),
     _g("sqlprobe_pool_max_connections", E,
        "Most connections the pool opens at once (pool_size + max_overflow).", "livesum"),
+    _g("sqlprobe_pool_peak_connections", E,
+       "The most connections in use at once since the previous scrape.", "livesum"),
     _c("sqlprobe_pool_checkout_timeouts", E,
        "Checkouts that gave up with the pool's TimeoutError."),
     _c("sqlprobe_pool_connects", E, "DBAPI connections opened."),
@@ -112,6 +117,12 @@ FAMILIES: tuple[Family, ...] = (
        "New DBAPI connections that failed (the database refused or was unreachable)."),
     _h("sqlprobe_transaction_duration_seconds", (*E, "outcome"),
        "Begin to end of a transaction, by outcome (commit, rollback).", "pool"),
+    _h("sqlprobe_scope_statements", (*E, "route"),
+       "Statements per unit of work (sqlprobe.scope(), a request), by route.", "count"),
+    _h("sqlprobe_scope_db_seconds", (*E, "route"),
+       "Statement time per unit of work, by route.", "pool"),
+    _h("sqlprobe_scope_pool_wait_seconds", (*E, "route"),
+       "Pool checkout wait per unit of work, by route.", "pool"),
     _g("sqlprobe_index_advice_info", (*E, "table", "columns", "proven"),
        "An index the advisor suggests (index_advice=True); proven: checked by the planner.",
        "max"),

@@ -17,6 +17,10 @@ What changes in this mode:
 * each statement writes a few mmap values (about 1-2 µs more per statement than the
   default mode, which keeps plain in-process accumulators);
 * exemplars are dropped (the files hold values only), as prometheus_client documents;
+* ``sqlprobe_pool_peak_connections`` cannot be reset by a scrape the workers never see:
+  each worker writes the most connections it had in use in the current and the previous
+  minute (:data:`PEAK_WINDOW`), and the workers' values add up (``livesum``);
+* the ``route`` labels of the per-unit-of-work histograms are bounded per process;
 * sqlprobe registers nothing on a registry: serve the aggregate with
   ``sqlprobe.start_http_server()`` (it builds a ``MultiProcessCollector`` registry) or
   your own ``MultiProcessCollector``; and call
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +45,10 @@ from prometheus_client import Counter, Gauge, Histogram
 from ._families import BY_NAME, buckets_for
 from ._prometheus import OTHER, EngineSeries, OpStats, PrometheusExporter, ShapeStats
 
-__all__ = ["MultiprocessExporter", "multiprocess_active"]
+__all__ = ["PEAK_WINDOW", "MultiprocessExporter", "multiprocess_active"]
+
+#: Seconds of one peak window in multiprocess mode (the gauge covers two).
+PEAK_WINDOW = 60.0
 
 
 def multiprocess_active() -> bool:
@@ -128,6 +136,10 @@ class MultiprocessSeries(EngineSeries):
         self.mp_max = m.get("sqlprobe_pool_max_connections").labels(engine)
         for counter in (self.mp_timeouts, self.mp_connects, self.mp_invalidations):
             counter.inc(0)
+        self.mp_idle_hist = m.get("sqlprobe_pool_connection_idle_seconds", buckets).labels(engine)
+        self.mp_peak = m.get("sqlprobe_pool_peak_connections").labels(engine)
+        #: (window start, peak in it, peak of the previous window)
+        self._peak_window = [time.monotonic(), 0, 0]
 
     def _new_shape(
         self, fingerprint: str, operation: str, table: str, text: str, op: OpStats
@@ -207,6 +219,35 @@ class MultiprocessSeries(EngineSeries):
         self.mp_used.set(used)
         if limit is not None:
             self.mp_max.set(limit)
+        window = self._peak_window
+        now = time.monotonic()
+        if now - window[0] >= PEAK_WINDOW:
+            window[:] = [now, 0, window[1] if now - window[0] < 2 * PEAK_WINDOW else 0]
+        in_use = used + (1 if returning else 0)
+        if in_use > window[1]:
+            window[1] = in_use
+        self.mp_peak.set(max(window[1], window[2]))
+
+    def idle(self, seconds: float) -> None:
+        super().idle(seconds)
+        self.mp_idle_hist.observe(seconds)
+
+    def returned(self, use: float, idle: float) -> None:
+        super().returned(use, idle)
+        self.mp_use.observe(use)
+        self.mp_idle_hist.observe(idle)
+        self._gauges(returning=True)
+
+    def unit(self, route: str, statements: int, seconds: float, wait: float, limit: int) -> None:
+        super().unit(route, statements, seconds, wait, limit)
+        with self.lock:
+            label = route if route in self.units else OTHER
+        m = self.metrics
+        m.get("sqlprobe_scope_statements").labels(self.name, label).observe(statements)
+        m.get("sqlprobe_scope_db_seconds", self.bounds).labels(self.name, label).observe(seconds)
+        m.get("sqlprobe_scope_pool_wait_seconds", self.bounds).labels(self.name, label).observe(
+            wait
+        )
 
     def add_pool(self, source: Any, keeps: bool) -> None:
         super().add_pool(source, keeps)

@@ -213,6 +213,11 @@ class EngineSeries:
         #: pool gauge sources of the attached engines with this name, and whether
         #: each pool keeps returned connections (a NullPool closes them)
         self.pools: list[tuple[SnapshotSource, bool]] = []
+        self.idle_hist = Histogram(pool)
+        #: ``take_peak()`` of each attached pool of this name (read and reset per scrape)
+        self.peaks: list[Callable[[], int]] = []
+        #: route -> (statements, statement seconds, pool wait) histograms per unit of work
+        self.units: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
 
     def _new_shape(
         self, fingerprint: str, operation: str, table: str, text: str, op: OpStats
@@ -387,6 +392,60 @@ class EngineSeries:
 
         self.observe_error(self.prepare(analyze(operation)), error)
 
+    # -- hold sink (idle time, units of work, peak) -----------------------------------
+
+    def idle(self, seconds: float) -> None:
+        """One check-in's time out of the pool with no statement running."""
+        self._observe(self.idle_hist, seconds)
+
+    def returned(self, use: float, idle: float) -> None:
+        """:meth:`checkin` and :meth:`idle` of one check-in under one lock acquisition."""
+        use_hist = self.use
+        idle_hist = self.idle_hist
+        i = bisect_left(use_hist.bounds, use)
+        j = bisect_left(idle_hist.bounds, idle)
+        self._acquire()
+        try:
+            use_hist.counts[i] += 1
+            use_hist.total += use
+            idle_hist.counts[j] += 1
+            idle_hist.total += idle
+        finally:
+            self._release()
+
+    def _unit_hists(self, route: str, limit: int) -> tuple[Histogram, Histogram, Histogram]:
+        """The histograms of a route, or of ``_other`` beyond ``limit`` routes (lock held)."""
+        hists = self.units.get(route)
+        if hists is None:
+            if len(self.units) >= limit:
+                route = OTHER
+                hists = self.units.get(route)
+            if hists is None:
+                bounds = self.pool_bounds
+                hists = self.units[route] = (
+                    Histogram(buckets_for(BY_NAME["sqlprobe_scope_statements"], self.bounds)),
+                    Histogram(bounds),
+                    Histogram(bounds),
+                )
+        return hists
+
+    def unit(self, route: str, statements: int, seconds: float, wait: float, limit: int) -> None:
+        """One unit of work of ``route``: its statements, statement time and pool wait."""
+        with self.lock:
+            counts, db, waits = self._unit_hists(route, limit)
+            counts.add(statements)
+            db.add(seconds)
+            waits.add(wait)
+
+    def add_peak(self, take: Callable[[], int]) -> None:
+        """Read (and reset) one more pool's peak in use at each scrape."""
+        with self.lock:
+            self.peaks.append(take)
+
+    def remove_peak(self, take: Callable[[], int]) -> None:
+        with self.lock:
+            self.peaks = [t for t in self.peaks if t != take]
+
     def add_pool(self, source: SnapshotSource, keeps: bool) -> None:
         """Read the gauges of one more pool at each scrape."""
         with self.lock:
@@ -447,6 +506,11 @@ class EngineSeries:
                 ("sqlprobe_pool_invalidations", self.invalidations),
             )
             connect_errors = list(self.connect_errors.items())
+            idle_samples = self.idle_hist.samples()
+            units = [
+                (route, tuple(h.samples() for h in hists)) for route, hists in self.units.items()
+            ]
+            peaks = list(self.peaks)
 
         duration = fams.get("sqlprobe_query_duration_seconds")
         slow = fams.get("sqlprobe_slow_queries")
@@ -486,6 +550,18 @@ class EngineSeries:
         family = fams.get("sqlprobe_pool_connect_errors")
         for error, n in connect_errors:
             family.add_metric([engine, error], n)
+
+        buckets, _count, total = idle_samples
+        fams.get("sqlprobe_pool_connection_idle_seconds").add_metric([engine], buckets, total)
+        names = ("sqlprobe_scope_statements", "sqlprobe_scope_db_seconds",
+                 "sqlprobe_scope_pool_wait_seconds")  # fmt: skip
+        for route, samples in units:
+            for name, (buckets, _count, total) in zip(names, samples, strict=True):
+                fams.get(name).add_metric([engine, route], buckets, total)
+        if peaks:
+            fams.get("sqlprobe_pool_peak_connections").add_metric(
+                [engine], sum(take() for take in peaks)
+            )
 
         idle, used, limit, live = self.pool_snapshot()
         gauge = fams.get("sqlprobe_pool_connections")

@@ -43,6 +43,7 @@ REQUIRED_ALERTS = {
     "SqlprobePoolSaturated",
     "SqlprobeErrorRateHigh",
     "SqlprobeNPlusOneDetected",
+    "SqlprobeStatementsPerRequestHigh",
 }
 #: The whole module (start-up, data, alert delivery) must finish within this many seconds.
 BUDGET_S = 80.0

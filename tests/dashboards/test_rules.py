@@ -20,6 +20,7 @@ REQUIRED_ALERTS = {
     "SqlprobePoolSaturated",
     "SqlprobeErrorRateHigh",
     "SqlprobeNPlusOneDetected",
+    "SqlprobeStatementsPerRequestHigh",
 }
 SEVERITIES = {"info", "warning", "critical"}
 RUNBOOK_PREFIX = "https://github.com/sqlprobe/sqlprobe/blob/main/docs/runbooks.md#"
