@@ -396,7 +396,11 @@ class EngineSeries:
 
     def idle(self, seconds: float) -> None:
         """One check-in's time out of the pool with no statement running."""
-        self._observe(self.idle_hist, seconds)
+        hist = self.idle_hist
+        i = bisect_left(hist.bounds, seconds)
+        with self.lock:
+            hist.counts[i] += 1
+            hist.total += seconds
 
     def returned(self, use: float, idle: float) -> None:
         """:meth:`checkin` and :meth:`idle` of one check-in under one lock acquisition."""
