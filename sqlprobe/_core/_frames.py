@@ -31,6 +31,7 @@ application frame, the walk continues in its parent's suspended stack.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import sysconfig
@@ -92,7 +93,9 @@ def _package_dir(module: Any) -> str:
     return os.path.dirname(os.path.abspath(str(module.__file__))) + os.sep
 
 
+@functools.cache
 def _stdlib_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    # sysconfig expands its path templates on every call (about 3 ms): once per process.
     roots: set[str] = set()
     for key in ("stdlib", "platstdlib"):
         path = sysconfig.get_paths().get(key)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ LOADERS = frozenset(
 )
 
 
-def _mapped_class(name: str, attribute: str) -> Any:
+def _mapped_class(name: str, attribute: str, prefer: Callable[[type], bool] | None) -> Any:
     from sqlalchemy.orm import mapperlib
 
     found = []
@@ -47,6 +48,9 @@ def _mapped_class(name: str, attribute: str) -> Any:
             cls = mapper.class_
             if cls.__name__ == name and attribute in mapper.attrs:
                 found.append(cls)
+    if len(found) > 1 and prefer is not None:
+        # Several test modules of one session may each map a ``User``.
+        found = [cls for cls in found if prefer(cls)]
     if len(found) != 1:
         raise LookupError(
             f"{'no' if not found else 'more than one'} mapped class {name} with {attribute}"
@@ -54,9 +58,12 @@ def _mapped_class(name: str, attribute: str) -> Any:
     return found[0]
 
 
-def build_option(suggestion: str) -> tuple[Any, Any]:
+def build_option(suggestion: str, prefer: Callable[[type], bool] | None = None) -> tuple[Any, Any]:
     """(the root class, the loader option) of a suggestion such as
-    ``selectinload(User.orders).selectinload(Order.items)``; LookupError if it is none."""
+    ``selectinload(User.orders).selectinload(Order.items)``; LookupError if it is none.
+
+    When several mapped classes carry the name, only those ``prefer`` accepts count (the
+    verifier prefers classes defined beside the test)."""
     from sqlalchemy import orm
 
     text = suggestion.strip()
@@ -67,7 +74,7 @@ def build_option(suggestion: str) -> tuple[Any, Any]:
     for loader, cls_name, attribute in _CALL.findall(text):
         if loader not in LOADERS:
             raise LookupError(f"{loader} is not a loader option")
-        cls = _mapped_class(cls_name, attribute)
+        cls = _mapped_class(cls_name, attribute, prefer)
         attr = getattr(cls, attribute)
         if option is None:
             root = cls
@@ -75,6 +82,20 @@ def build_option(suggestion: str) -> tuple[Any, Any]:
         else:
             option = getattr(option, loader)(attr)
     return root, option
+
+
+def _beside(item: pytest.Item) -> Callable[[type], bool]:
+    """Whether a class is defined in a module under the test's directory."""
+    import os
+    import sys
+
+    folder = os.path.dirname(os.path.abspath(str(item.path)))
+
+    def accept(cls: type) -> bool:
+        path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+        return path is not None and os.path.abspath(path).startswith(folder + os.sep)
+
+    return accept
 
 
 class RowRecorder:
@@ -178,7 +199,7 @@ class FixVerifier:
         relationship = str(todo.get("relationship", ""))
         out: dict[str, Any] = {"test": item.nodeid, "suggestion": suggestion, "fix": False}
         try:
-            root, option = build_option(suggestion)
+            root, option = build_option(suggestion, _beside(item))
         except LookupError as exc:
             out["line"] = f"{suggestion}: not verifiable ({exc})"
             return out
