@@ -40,6 +40,8 @@ from collections.abc import Callable
 from types import CodeType, FrameType
 from typing import Any
 
+from ._hold import describe_code
+
 __all__ = ["DEMO_MODULES", "LIBRARY_PACKAGES", "SourceFinder"]
 
 #: Modules of sqlprobe that are application code: ``sqlprobe demo``'s workload.
@@ -239,15 +241,7 @@ class SourceFinder:
 
 def describe(frame: FrameType) -> str:
     """``path.py:LINE in function`` of one frame; the path is relative to the cwd if under it."""
-    filename = frame.f_code.co_filename
-    if not filename.startswith("<"):
-        try:
-            cwd = os.getcwd() + os.sep
-        except OSError:
-            cwd = ""
-        if cwd and filename.startswith(cwd):
-            filename = filename[len(cwd) :]
-    return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+    return describe_code(frame.f_code, frame.f_lineno or 0)
 
 
 def caller_frame() -> FrameType:
