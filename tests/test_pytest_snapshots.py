@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -307,6 +308,30 @@ def test_reads_after_a_delete(twenty):
         # Holds only while the orders load lazily, after the delete:
         assert all(len(user.orders) == 0 for user in users)
 """
+
+
+def _map_another_user() -> type:
+    """A second mapped ``User`` with ``orders``, as other test modules of a session have."""
+    from sqlalchemy import Column, ForeignKey, Integer
+    from sqlalchemy.orm import declarative_base, relationship
+
+    base: Any = declarative_base()
+
+    class User(base):  # type: ignore[misc,valid-type]
+        __tablename__ = "sqlprobe_verify_other_users"
+        id = Column(Integer, primary_key=True)
+        orders = relationship(lambda: Order)
+
+    class Order(base):  # type: ignore[misc,valid-type]
+        __tablename__ = "sqlprobe_verify_other_orders"
+        id = Column(Integer, primary_key=True)
+        user_id = Column(ForeignKey("sqlprobe_verify_other_users.id"))
+
+    return User
+
+
+#: Kept alive for the whole module: the verifier must still pick the test's own ``User``.
+OTHER_USER = _map_another_user()
 
 
 def test_verify_fixes_reports_each_suggestion(pytester: pytest.Pytester) -> None:

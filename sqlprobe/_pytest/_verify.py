@@ -85,15 +85,25 @@ def build_option(suggestion: str, prefer: Callable[[type], bool] | None = None) 
 
 
 def _beside(item: pytest.Item) -> Callable[[type], bool]:
-    """Whether a class is defined in a module under the test's directory."""
+    """Whether a class is the test's: imported by its module, or defined beside it."""
     import os
     import sys
 
     folder = os.path.dirname(os.path.abspath(str(item.path)))
+    test_module = getattr(item, "module", None)
 
     def accept(cls: type) -> bool:
-        path = getattr(sys.modules.get(cls.__module__), "__file__", None)
-        return path is not None and os.path.abspath(path).startswith(folder + os.sep)
+        if getattr(test_module, cls.__name__, None) is cls:
+            return True
+        # The module must still hold this very class: an earlier module of the same
+        # name (pytester's conftest of another test) has been replaced in sys.modules.
+        module = sys.modules.get(cls.__module__)
+        path = getattr(module, "__file__", None)
+        return (
+            path is not None
+            and getattr(module, cls.__name__, None) is cls
+            and os.path.abspath(path).startswith(folder + os.sep)
+        )
 
     return accept
 
