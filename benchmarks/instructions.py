@@ -20,6 +20,24 @@ The same statement on an in-memory SQLite database (the reference loop of the
 per-statement targets) runs too. The report gives instructions per unit and per
 statement, the added count over bare SQLAlchemy, the ratio, and the unit's cost beyond
 its three statements.
+
+What makes the count repeatable (each of these was seen to move it by 10-30k
+instructions per unit from one invocation to the next on a loaded machine):
+
+* only the loop is counted: the worker starts with instrumentation off
+  (``--instr-atstart=no``; imports and set-up run uninstrumented and fast), the parent
+  switches it on with ``callgrind_control`` once the worker is ready, and the loop
+  runs inside ``itertools.dropwhile`` so that ``--toggle-collect=dropwhile_next``
+  collects exactly the iterations, not the worker's waiting before and after;
+* callgrind slows the program about 50x, so every time threshold is stretched alike
+  (the ambient span interval, the slow-query, pool-hold, idle-in-transaction and
+  pool-wait thresholds): otherwise a statement or a checkout crosses one by chance
+  when the machine is busy, and its slow path is counted;
+* the pool-hold watchdog thread is stopped in the worker: it wakes by wall time
+  (every 0.25-5 s, nothing per unit), so under callgrind it would run 50x as often;
+* each worker reads a copy of the database file of its own, and the processes run one
+  at a time by default (``--jobs 1``): two workers reading one SQLite file at once
+  counted differently from one alone.
 """
 
 from __future__ import annotations
@@ -27,10 +45,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import dropwhile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOW, HIGH = 200, 1200
@@ -45,7 +66,7 @@ VARIANTS = {
 }
 
 
-def worker(variant: str, loop: str, n: int, path: str) -> None:
+def worker(variant: str, loop: str, n: int, path: str, flag: str) -> None:
     """Run one loop ``n`` times in this process (the part callgrind counts)."""
     import gc
 
@@ -72,6 +93,12 @@ def worker(variant: str, loop: str, n: int, path: str) -> None:
     from sqlprobe._sinks import _otel
 
     _otel.AMBIENT_INTERVAL *= SLOWDOWN
+    stretched = {
+        "slow_query_threshold": 0.1 * SLOWDOWN,
+        "pool_hold_threshold": 1.0 * SLOWDOWN,
+        "idle_in_transaction_threshold": 0.5 * SLOWDOWN,
+        "pool_wait_threshold": 1.0 * SLOWDOWN,
+    }
     if loop == "memory":
         url = "sqlite://"
     # In-memory SQLite keeps SQLAlchemy's default pool (one connection per thread), so
@@ -79,7 +106,19 @@ def worker(variant: str, loop: str, n: int, path: str) -> None:
     engine = create_engine(url) if loop == "memory" else create_engine(url, poolclass=QueuePool)
     if loop == "memory":
         suite._fill(engine)
+    # An older sqlprobe (PYTHONPATH=another checkout) may lack some of the options.
+    import inspect
+
+    import sqlprobe
+
+    known = inspect.signature(sqlprobe.attach).parameters
+    suite.ATTACH_OPTIONS.update({k: v for k, v in stretched.items() if k in known})
     teardown = setup(engine)
+    import sqlprobe._state
+
+    watchdog = getattr(sqlprobe._state, "watchdog", None)  # None before the pool watchdog
+    if watchdog is not None:
+        watchdog.at_exit()
     queries = suite.UNIT_QUERIES
     query = suite.QUERY
     # Warm every cache (SQLAlchemy's compiled cache, sqlprobe's shapes) first.
@@ -94,27 +133,52 @@ def worker(variant: str, loop: str, n: int, path: str) -> None:
         loop = "statement"
     if loop == "unit":
         begin = engine.begin
-        for _ in range(n):
+
+        def one(_i: int) -> bool:
             with begin() as c:
                 for q in queries:
                     c.execute(q).all()
+            return True
+
     else:
         execute = conn.execute
-        for _ in range(n):
+
+        def one(_i: int) -> bool:
             execute(query).all()
+            return True
+
+    # The parent switches instrumentation on while this waits, and collects only
+    # inside ``dropwhile_next`` (--toggle-collect): the loop, not the waiting.
+    print("READY", flush=True)
+    _wait_for(flag)
+    for _ in dropwhile(one, range(n)):
+        pass
+    print("DONE", flush=True)
+    _wait_for(flag + ".off")
     conn.close()
     teardown()
 
 
+def _wait_for(path: str) -> None:
+    while not os.path.exists(path):
+        time.sleep(0.001)
+
+
 def count(variant: str, loop: str, n: int, path: str) -> int:
-    """Instructions of one worker process under callgrind."""
+    """Instructions of one worker process's loop under callgrind."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
+        flag = os.path.join(tmp, "go")
+        # A database file of its own: workers running at once never share one.
+        shutil.copyfile(path, os.path.join(tmp, "bench.db"))
+        path = os.path.join(tmp, "bench.db")
         env = {**os.environ, "PYTHONHASHSEED": "0"}
-        subprocess.run(
+        worker = subprocess.Popen(
             [
                 "valgrind",
                 "--tool=callgrind",
+                "--instr-atstart=no",
+                "--toggle-collect=dropwhile_next",
                 f"--callgrind-out-file={out}",
                 sys.executable,
                 __file__,
@@ -123,15 +187,27 @@ def count(variant: str, loop: str, n: int, path: str) -> int:
                 loop,
                 str(n),
                 path,
+                flag,
             ],
-            check=True,
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            text=True,
         )
+        assert worker.stdout is not None
+        control = ["callgrind_control", "-i"]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True}
+        assert worker.stdout.readline().strip() == "READY", "the worker did not start"
+        subprocess.run([*control, "on", str(worker.pid)], **quiet)  # type: ignore[call-overload]
+        open(flag, "w").close()
+        assert worker.stdout.readline().strip() == "DONE", "the worker did not finish"
+        subprocess.run([*control, "off", str(worker.pid)], **quiet)  # type: ignore[call-overload]
+        open(flag + ".off", "w").close()
+        if worker.wait() != 0:
+            raise RuntimeError(f"worker {variant} {loop} {n} failed")
         with open(out) as f:
             text = f.read()
-    match = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
+    match = re.search(r"^totals:\s+(\d+)", text, re.M)
     assert match, "no instruction total in callgrind's output"
     return int(match.group(1))
 
@@ -139,12 +215,12 @@ def count(variant: str, loop: str, n: int, path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        variant, loop, n, path = args.worker
-        worker(variant, loop, int(n), path)
+        variant, loop, n, path, flag = args.worker
+        worker(variant, loop, int(n), path, flag)
         return 0
     names = [v for v in args.variants.split(",") if v]
     if names[0] != "bare":
@@ -162,9 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         # One run of each variant first, outside callgrind: it writes every module's
         # bytecode cache, which the counted runs would otherwise race to write (a
         # compile costs millions of instructions, more than the differences measured).
+        warm = os.path.join(tmp, "warm")
+        for name in (warm, warm + ".off"):
+            open(name, "w").close()
         for v in names:
             subprocess.run(
-                [sys.executable, __file__, "--worker", v, "unit", "1", path],
+                [sys.executable, __file__, "--worker", v, "unit", "1", path, warm],
                 check=True,
                 stdout=subprocess.DEVNULL,
             )

@@ -277,3 +277,108 @@ def test_rate_limiter_keeps_at_most_max_keys_evicting_the_least_recent() -> None
     assert limiter.admit("b") == 0  # forgotten, so admitted again (evicts c)
     assert limiter.admit("a") is None  # still remembered
     assert RateLimiter().max_keys == 1000
+
+
+def test_pool_values_wait_in_bounded_lists_and_settle_exactly(
+    tmp_path: Any, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """Checkout, use, idle and commit values are appended, kept bounded, and all exported."""
+    from sqlprobe._hooks._pool import SETTLE_AT
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'settle.db'}", poolclass=QueuePool)
+    probe = sqlprobe.attach(engine, registry=registry, name="settle")
+    series = probe._series
+    pending = series.pending()
+    assert pending is not None
+    n = 3 * SETTLE_AT + 7
+    for _ in range(n):
+        with engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+        assert all(len(values) < SETTLE_AT for values in pending)
+    # Some values are still pending now; a scrape counts them all.
+    assert any(pending)
+    for family in (
+        "sqlprobe_pool_checkout_wait_seconds",
+        "sqlprobe_pool_connection_use_seconds",
+        "sqlprobe_pool_connection_idle_seconds",
+    ):
+        assert sample(registry, f"{family}_count", engine="settle") == n, family
+    commits = sample(
+        registry, "sqlprobe_transaction_duration_seconds_count", engine="settle", outcome="commit"
+    )
+    assert commits == n
+    assert not any(pending)
+    probe.detach()
+    engine.dispose()
+
+
+def test_reset_rollback_after_commit_is_not_a_transaction(
+    tmp_path: Any, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """The pool's rollback-on-return after a COMMIT counts no rollback transaction."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'reset.db'}", poolclass=QueuePool)
+    probe = sqlprobe.attach(engine, registry=registry, name="reset")
+    for _ in range(3):
+        with engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        conn.rollback()
+
+    def count(outcome: str) -> float:
+        return sample(
+            registry, "sqlprobe_transaction_duration_seconds_count", engine="reset", outcome=outcome
+        )
+
+    assert (count("commit"), count("rollback")) == (3, 1)
+    probe.detach()
+    engine.dispose()
+
+
+def test_settling_writes_buckets_only_under_the_series_lock() -> None:
+    """Pending pool values reach their buckets only while the series lock is held."""
+    series = _GuardedSeries("pins", BOUNDS, 10)
+    for hist in (series.wait, series.use, series.idle_hist, *series.txn.values()):
+        counts = _LockedList(hist.counts)
+        counts.lock = series.lock
+        hist.counts = counts
+    pending = series.pending()
+    assert pending is not None
+    for values in pending:
+        values.extend([0.0005, 0.05, 0.2])
+    series.settle()
+    for hist in (series.wait, series.use, series.idle_hist, *series.txn.values()):
+        assert list(hist.counts) == [1, 0, 1, 1]
+        assert hist.total == pytest.approx(0.2505)
+    assert not any(pending)
+
+
+def test_pending_values_stay_exact_when_threads_switch_constantly(switch_often: None) -> None:
+    """Values appended by eight threads while another settles are each counted once."""
+    series = _series()
+    pending = series.pending()
+    assert pending is not None
+    waits = pending[0]
+    n = 20_000
+    stop = threading.Event()
+
+    def settler() -> None:
+        while not stop.is_set():
+            series.settle()
+
+    def work() -> None:
+        for _ in range(n):
+            waits.append(0.002)
+
+    background = threading.Thread(target=settler)
+    background.start()
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    background.join()
+    series.settle()
+    assert sum(series.wait.counts) == 8 * n
+    assert series.wait.total == pytest.approx(8 * n * 0.002)

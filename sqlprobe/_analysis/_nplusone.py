@@ -364,7 +364,8 @@ class Detector:
                     connection = context.root_connection
                 except AttributeError:
                     return
-                found = connection.__dict__.get(session_slot)
+                attrs = connection.__dict__
+                found = attrs.get(session_slot)
                 session = found() if found is not None else None
                 if session is not None and session._transaction is not None:
                     unit = SESSION_SCOPE
@@ -377,15 +378,16 @@ class Detector:
                         counts = units[key] = {}
                 else:
                     unit = TRANSACTION_SCOPE
-                    tx = connection.get_transaction() or connection
-                    slot = connection.__dict__.get(slot_name)
+                    # ``Connection.get_transaction()`` without its call.
+                    tx = attrs.get("_transaction") or connection
+                    slot = attrs.get(slot_name)
                     if slot is not None and slot[1]() is tx and slot[0] is key:
                         counts = slot[2]
                     else:
                         # A weak reference: the transaction holds the connection, so a
                         # strong one would make a reference cycle of every connection.
                         counts = {}
-                        connection.__dict__[slot_name] = (key, ref(tx), counts)
+                        attrs[slot_name] = (key, ref(tx), counts)
             fingerprint = shape.fingerprint
             seen = counts.get(fingerprint)
             if seen is None:

@@ -131,9 +131,11 @@ class SourceFinder:
         # greenlet is looked up when a source is wanted, and only if something already
         # imported it (SQLAlchemy's asyncio support does): sqlprobe must not import it.
         self._getcurrent: Callable[[], Any] | None = None
-        #: code object -> whether it is a library's (the checkout path's cache: a code
-        #: object belongs to one file and module, so the decision holds for all its frames)
-        self._codes: dict[CodeType, bool] = {}
+        #: code objects judged a library's, and the application's (the checkout path's
+        #: cache: a code object belongs to one file and module, so the decision holds
+        #: for all its frames); bounded together by MAX_CACHED_FILES
+        self._libraries: set[CodeType] = set()
+        self._applications: set[CodeType] = set()
 
     def is_library(self, frame: FrameType) -> bool:
         """Whether ``frame`` belongs to sqlprobe, SQLAlchemy, the stdlib or a driver."""
@@ -192,29 +194,27 @@ class SourceFinder:
         ``(None, 0)`` when no frame is the application's; ``_hold.line_of`` turns the
         offset into the line.
 
-        The same walk as :meth:`application_frame`, for every pool checkout: decisions
-        are cached per code object (one dictionary lookup per frame, no path work), and
-        only the code object and the offset are kept, never the frame, so nothing of
-        the caller's locals outlives the call. Lines and names are resolved when an
-        event is written (:func:`~._hold.describe_code`).
+        The same walk as :meth:`application_frame`, for every pool checkout, so it is
+        kept to a few bytecodes per frame: code objects already judged to be a
+        library's are in one set (a membership test per frame, no path work), the
+        application's in another, and only a code object seen for the first time is
+        judged (:meth:`_learn`). Only the code object and the offset are kept, never
+        the frame, so nothing of the caller's locals outlives the call. Lines and names
+        are resolved when an event is written (:func:`~._hold.describe_code`).
         """
-        codes = self._codes
+        libraries = self._libraries
+        applications = self._applications
         greenlet: Any = None
         hops = 0
         while True:
-            steps = 0
-            while frame is not None and steps < MAX_FRAMES:
+            while frame is not None:
                 code = frame.f_code
-                library = codes.get(code)
-                if library is None:
-                    library = self.is_library(frame)
-                    if len(codes) >= MAX_CACHED_FILES:
-                        codes.clear()
-                    codes[code] = library
-                if not library:
+                if code in libraries:
+                    frame = frame.f_back
+                elif code in applications or not self._learn(frame):
                     return code, frame.f_lasti
-                frame = frame.f_back
-                steps += 1
+                else:
+                    frame = frame.f_back
             # No application frame in this greenlet's stack: an AsyncEngine's checkout
             # runs in the greenlet SQLAlchemy spawned; continue in its parent's stack.
             if hops == 0:
@@ -230,6 +230,16 @@ class SourceFinder:
             greenlet = parent
             frame = getattr(parent, "gr_frame", None)
             hops += 1
+
+    def _learn(self, frame: FrameType) -> bool:
+        """Judge a code object seen for the first time; True when it is a library's."""
+        library = self.is_library(frame)
+        with self._lock:
+            if len(self._libraries) + len(self._applications) >= MAX_CACHED_FILES:
+                self._libraries.clear()
+                self._applications.clear()
+            (self._libraries if library else self._applications).add(frame.f_code)
+        return library
 
     def source(self, frame: FrameType | None) -> str:
         """``path.py:LINE in function`` (relative to the cwd when under it), or ``""``."""

@@ -86,7 +86,19 @@ dispatch path (about 2.2 µs per statement).
 The measurements go to a :class:`PoolSink` (the Prometheus series, the OTel metrics,
 the multiprocess writer: whatever the probe wired), never to a metric directly; the
 hold measurements go to a :class:`HoldSink` (the Prometheus series) and the events
-to a :class:`HoldMonitor`.
+to a :class:`HoldMonitor`. When the Prometheus series is the only sink
+(:class:`BufferedSink`), the per-checkout values (wait, use, idle, commit and
+rollback durations) are appended to its pending lists instead of handed over one
+call, one lock and one bisection each; the series settles them into its histograms
+before every scrape, and the hooks settle them whenever a list reaches
+:data:`SETTLE_AT` values. A rollback with no transaction of the application's open
+(the pool's reset-on-return after a COMMIT) is not timed at all.
+
+What a request costs here, in the order it happens: the checkout wrapper (the wait,
+the frame walk, the hold), ``do_begin`` (one store on the record and the hold),
+``do_commit`` (the hold's statement and idle-in-transaction time, the transaction's
+duration), the reset-on-return ``do_rollback`` (a pass-through), and the check-in
+(use and idle time, the unit of work, the thresholds): five calls of ours and no lock.
 """
 
 from __future__ import annotations
@@ -97,7 +109,7 @@ import time
 import weakref
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -124,6 +136,8 @@ from ._shadow import shadow
 
 __all__ = [
     "MAX_HOLDS",
+    "SETTLE_AT",
+    "BufferedSink",
     "HoldMonitor",
     "HoldSink",
     "PoolFanout",
@@ -184,6 +198,21 @@ class HoldSink(Protocol):
 
         ``limit`` is the most ``route`` labels to keep (further ones count as ``_other``).
         """
+
+
+@runtime_checkable
+class BufferedSink(Protocol):
+    """A pool sink that takes its histogram values as appends to lists (the series).
+
+    ``pending()`` gives the lists of checkout waits, use times, idle times, commit and
+    rollback durations, or None when the sink wants each value at once; the hooks call
+    ``settle()`` when a list reaches :data:`SETTLE_AT` values, and the sink settles them
+    itself before it is read.
+    """
+
+    def pending(self) -> tuple[list[float], ...] | None: ...
+
+    def settle(self) -> None: ...
 
 
 class HoldMonitor(Protocol):
@@ -258,6 +287,17 @@ class PoolFanout:
         self._each("statement_failed", operation, error)
 
 
+# The per-checkout and per-transaction paths write a hold's fields by literal index.
+assert (START, UNIT, SECONDS, LAST, BEGUN, BEGUN_SECONDS, TXN_IDLE) == (0, 5, 6, 8, 10, 11, 12)
+
+#: Values a pending list may hold before the hook that appends settles them.
+SETTLE_AT = 256
+
+
+def _nothing() -> None:
+    return None
+
+
 _serial = iter(range(1, 1 << 62))
 
 #: Whether this SQLAlchemy's pools return connections through ``Pool._return_conn``
@@ -306,6 +346,10 @@ class PoolHooks:
         self._hold_sink: HoldSink | None = None
         self._monitor: HoldMonitor | None = None
         self._max_routes = 200
+        #: the pool sink's pending lists (wait, use, idle, commit, rollback) when it
+        #: takes values that way (see :class:`BufferedSink`), and its ``settle``
+        self._pending: tuple[list[float], ...] | None = None
+        self._settle: Callable[[], None] = _nothing
 
     @property
     def hold_key(self) -> str:
@@ -425,6 +469,9 @@ class PoolHooks:
         self._hold_sink = holds
         self._monitor = monitor
         self._max_routes = max_routes
+        if isinstance(sink, BufferedSink) and sink is holds:  # type: ignore[comparison-overlap]
+            self._pending = sink.pending()
+            self._settle = sink.settle
         listeners = self._listeners(engine)
         try:
             for target, name, fn in listeners:
@@ -486,53 +533,64 @@ class PoolHooks:
         held = self._holds
         hold_sink = self._hold_sink
         idle_sink = hold_sink.idle if hold_sink is not None else None
-        # The Prometheus series alone (no OTel pool metrics): use and idle in one update.
-        returned = getattr(hold_sink, "returned", None) if hold_sink is sink else None
         monitor = self._monitor
         report = monitor.checked_in if monitor is not None else None
         hold_threshold = monitor.hold_threshold if monitor is not None else 0.0
         txn_threshold = monitor.idle_in_transaction_threshold if monitor is not None else 0.0
+        # The Prometheus series alone (no OTel pool metrics): values are appended to its
+        # pending lists (see EngineSeries.pending) rather than handed over one call each.
+        pending = self._pending
+        uses, idles = (pending[1], pending[2]) if pending is not None else ([], [])
+        use_append, idle_append = uses.append, idles.append
+        settle = self._settle
+        buffered = pending is not None
 
-        def on_checkin(dbapi_connection: Any, record: Any) -> None:
+        def checked_in(record: Any) -> None:
+            # The whole check-in, inline: it runs once per checkout.
             try:
                 state = record.__dict__
                 hold = state.pop(out_key, None)
                 # A transaction still open here ended without SQLAlchemy rolling it
                 # back through the dialect (e.g. an asyncio connection collected by
                 # the garbage collector): the database rolls it back.
-                begun = state.pop(txn_key, None)
+                if txn_key in state:
+                    sink.transaction("rollback", perf_counter() - state.pop(txn_key))
                 if record.dbapi_connection is None:
                     with lock:
                         emptied[record] = time.time()
-                if begun is not None:
-                    sink.transaction("rollback", perf_counter() - begun)
                 if hold is not None:
                     now = perf_counter()
-                    use = now - hold[START]
+                    use = now - hold[0]  # START
                     held.pop(id(hold), None)
-                    idle = use - hold[SECONDS]
+                    idle = use - hold[6]  # SECONDS
                     if idle < 0.0:
                         idle = 0.0
-                    unit = hold[UNIT]
+                    unit = hold[5]  # UNIT
                     if unit is not None:
                         unit.statements += hold[STATEMENTS]
                         unit.seconds += hold[SECONDS]
                         unit.wait += hold[WAIT]
                         hold[UNIT] = None
-                    if returned is not None:
-                        returned(use, idle)
+                    if buffered:
+                        use_append(use)
+                        idle_append(idle)
+                        if len(uses) >= SETTLE_AT:
+                            settle()
                     else:
                         checkin(use)
                         if idle_sink is not None:
                             idle_sink(idle)
                     if (
                         report is not None
+                        and (use >= hold_threshold or hold[12] >= txn_threshold)  # TXN_IDLE
                         and not hold[REPORTED]
-                        and (use >= hold_threshold or hold[TXN_IDLE] >= txn_threshold)
                     ):
                         report(hold, now, use, idle)
             except Exception:
                 contain("pool")
+
+        def on_checkin(dbapi_connection: Any, record: Any) -> None:
+            checked_in(record)
 
         if _RETURN_CONN_HOOK:
             # Check-ins are seen by wrapping the pool instance's ``_return_conn``, which
@@ -545,7 +603,7 @@ class PoolHooks:
 
                 def _return_conn(record: Any) -> None:
                     if hooks._active:
-                        on_checkin(None, record)
+                        checked_in(record)
                     if previous is not None:
                         previous(record)
                     else:
@@ -672,6 +730,11 @@ class PoolHooks:
         error_name = self._error_name
 
         checkout = sink.checkout
+        pending = self._pending
+        waits = pending[0] if pending is not None else []
+        wait_append = waits.append
+        settle = self._settle
+        buffered = pending is not None
         held = self._holds
         peak = self._peak
         locate = self._finder.locate
@@ -732,7 +795,12 @@ class PoolHooks:
                         n = len(held)
                         if n > peak[0]:
                             peak[0] = n
-                checkout(wait)
+                if buffered:
+                    wait_append(wait)
+                    if len(waits) >= SETTLE_AT:
+                        settle()
+                else:
+                    checkout(wait)
             except Exception:
                 contain("pool")
             return connection
@@ -778,10 +846,16 @@ class PoolHooks:
                     contain("pool")
 
         out_key = self._out
+        pending = self._pending
+        buffered = pending is not None
+        commits, rollbacks = (pending[3], pending[4]) if pending is not None else ([], [])
+        commit_append, rollback_append = commits.append, rollbacks.append
+        settle = self._settle
 
         def ended(state: dict[str, Any] | None, start: float, end: float) -> None:
             # The COMMIT/ROLLBACK is statement time of the checkout; the transaction's
-            # time without a statement running is its idle-in-transaction time.
+            # time without a statement running is its idle-in-transaction time. (The
+            # successful paths below write the same inline: they run per transaction.)
             hold = state.get(out_key) if state is not None else None
             if hold is None:
                 return
@@ -805,8 +879,8 @@ class PoolHooks:
                     state[key] = start
                     hold = state.get(out_key)
                     if hold is not None:
-                        hold[BEGUN] = start
-                        hold[BEGUN_SECONDS] = hold[SECONDS]
+                        hold[10] = start  # BEGUN
+                        hold[11] = hold[6]  # BEGUN_SECONDS = SECONDS
                 except Exception:  # a dialect's ad-hoc connection: no timing
                     pass
 
@@ -832,10 +906,26 @@ class PoolHooks:
                     contain("pool")
                 raise
             end = perf_counter()
+            if state is None:
+                return
             try:
-                ended(state, start, end)
+                hold = state.get(out_key)
+                if hold is not None:  # ended(), inline
+                    seconds = hold[6] = hold[6] + (end - start)  # SECONDS
+                    hold[8] = end  # LAST
+                    txn_begun = hold[10]  # BEGUN
+                    if txn_begun is not None:
+                        hold[10] = None
+                        idle = (end - txn_begun) - (seconds - hold[11])  # BEGUN_SECONDS
+                        if idle > hold[12]:  # TXN_IDLE
+                            hold[12] = idle
                 if begun is not None:
-                    transaction("commit", end - begun)
+                    if buffered:
+                        commit_append(end - begun)
+                        if len(commits) >= SETTLE_AT:
+                            settle()
+                    else:
+                        transaction("commit", end - begun)
             except Exception:
                 contain("pool")
 
@@ -847,6 +937,16 @@ class PoolHooks:
             except Exception:
                 state = None
                 begun = None
+            if begun is None:
+                # No transaction of the application's is open: the pool's
+                # reset-on-return rollback after a COMMIT, or a dialect's own. Not a
+                # transaction, nor the checkout's statement time; only a failure counts.
+                try:
+                    original_rollback(connection)
+                except BaseException as exc:
+                    failed("ROLLBACK", exc)
+                    raise
+                return
             start = perf_counter()
             try:
                 original_rollback(connection)
@@ -857,7 +957,11 @@ class PoolHooks:
                 end = perf_counter()
                 try:
                     ended(state, start, end)
-                    if begun is not None:
+                    if buffered:
+                        rollback_append(end - begun)
+                        if len(rollbacks) >= SETTLE_AT:
+                            settle()
+                    else:
                         transaction("rollback", end - begun)
                 except Exception:
                     contain("pool")

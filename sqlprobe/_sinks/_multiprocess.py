@@ -141,6 +141,10 @@ class MultiprocessSeries(EngineSeries):
         #: (window start, peak in it, peak of the previous window)
         self._peak_window = [time.monotonic(), 0, 0]
 
+    def pending(self) -> None:
+        """None: each pool value is written to the files (and the gauges) at once."""
+        return None
+
     def _new_shape(
         self, fingerprint: str, operation: str, table: str, text: str, op: OpStats
     ) -> ShapeStats:

@@ -218,6 +218,15 @@ class EngineSeries:
         self.peaks: list[Callable[[], int]] = []
         #: route -> (statements, statement seconds, pool wait) histograms per unit of work
         self.units: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
+        #: Pool observations not yet in their histograms (see :meth:`pending`), each
+        #: paired with the histogram it belongs to; appended to without the lock.
+        self._pending: tuple[tuple[list[float], Histogram], ...] = (
+            ([], self.wait),
+            ([], self.use),
+            ([], self.idle_hist),
+            ([], self.txn["commit"]),
+            ([], self.txn["rollback"]),
+        )
 
     def _new_shape(
         self, fingerprint: str, operation: str, table: str, text: str, op: OpStats
@@ -386,6 +395,43 @@ class EngineSeries:
         finally:
             self._release()
 
+    def pending(self) -> tuple[list[float], ...] | None:
+        """The lists of pending checkout waits, use, idle, commit and rollback times.
+
+        The pool hooks run once or more per checkout, and a locked histogram update is
+        a Python call, a lock acquisition and a bisection each: three to four of those
+        per request were most of what the pool metrics cost. Instead the hooks append
+        each value to its list (``list.append``: one C call, atomic without the lock)
+        and the values are *settled* into their histograms in one pass, under the
+        lock, before every scrape (:meth:`collect_into`) and whenever the hooks find a
+        list long (:meth:`settle`), so the lists stay bounded. Nothing is lost and every
+        count is exact; a value waits at most until the next scrape. None when values
+        must be written as they come (the multiprocess series writes each to its files
+        at once).
+        """
+        return tuple(values for values, _hist in self._pending)
+
+    def settle(self) -> None:
+        """Move every pending pool observation into its histogram (takes the lock)."""
+        with self.lock:
+            self._settle()
+
+    def _settle(self) -> None:
+        # Lock held. A value appended while this runs stays for the next settle:
+        # ``del values[:n]`` removes exactly the values read, never a later append.
+        for values, hist in self._pending:
+            n = len(values)
+            if n:
+                taken = values[:n]
+                del values[:n]
+                bounds = hist.bounds
+                counts = hist.counts
+                total = hist.total
+                for value in taken:
+                    counts[bisect_left(bounds, value)] += 1
+                    total += value
+                hist.total = total
+
     def statement_failed(self, operation: str, error: str) -> None:
         """A COMMIT or ROLLBACK that failed in the driver, as a failed statement."""
         from .._core._fingerprint import analyze
@@ -482,6 +528,7 @@ class EngineSeries:
         """Add this engine's samples to the scrape's families."""
         engine = self.name
         with self.lock:
+            self._settle()
             shapes = list(self.shapes.values())
             other_calls = sum(s.calls for s in self.other.values())
             snapshot = [

@@ -85,8 +85,15 @@ def _broken_probe(
 
         monkeypatch.setattr(Detector, "report", broken)
     elif sink == "pool":
-        # A pool sink that fails (as the OTel pool metrics could) on every checkout.
-        monkeypatch.setattr(EngineSeries, "checkout", raiser)
+        # A pool sink that fails (as the OTel pool metrics could) on every value: the
+        # series' pending lists, which the hooks append each checkout's values to.
+        class Failing(list[float]):
+            def append(self, value: float) -> None:
+                raiser()
+
+        monkeypatch.setattr(
+            EngineSeries, "pending", lambda self: tuple(Failing() for _ in range(5))
+        )
     probe = sqlprobe.attach(engine, registry=registry, logger=logger, **kwargs)
     collector = probe.collector
     assert collector is not None
