@@ -4,8 +4,16 @@ the registry's samples, the shapes and the records, so the tests outlive refacto
 
 from __future__ import annotations
 
-import pytest
+import time
+from pathlib import Path
+from typing import Any
 
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine, text
+from structlog.testing import LogCapture
+
+import sqlprobe
 from sqlprobe._core._fingerprint import UNPARSED, analyze, normalize
 
 # ------------------------------------------------------------------------ fingerprints
@@ -62,3 +70,255 @@ def test_with_statement_past_the_candidate_bound_is_other_not_unparsed() -> None
     assert shape.normalized != UNPARSED
     assert shape.normalized.endswith(") SELECT * FROM a")
     assert shape.operation == "OTHER"
+
+
+# ---------------------------------------------------------------------- statement path
+
+
+def test_explain_plans_the_raw_statement_the_driver_ran(
+    tmp_path: Path, registry: CollectorRegistry, logs: LogCapture, logger: Any
+) -> None:
+    """The record carries the raw statement text: EXPLAIN (and index advice) plan it."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'raw.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE items (id INTEGER PRIMARY KEY, v TEXT)"))
+        probe = sqlprobe.attach(
+            engine, registry=registry, logger=logger, slow_query_threshold=0, explain=True
+        )
+        with engine.connect() as conn:
+            conn.execute(text("SELECT v FROM items WHERE v = :v"), {"v": "7"}).all()
+        deadline = time.monotonic() + 10.0
+        while True:
+            events = [
+                e
+                for e in logs.entries
+                if e["event"] == "slow_query" and e["statement"].startswith("SELECT v FROM")
+            ]
+            if events or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        probe.detach()
+        (event,) = events
+        assert event["plan"]["node"] == "SCAN items"
+        assert event["plan"]["seq_scans"] == ["items"]
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------------------- exporters
+# Multiprocess mode writes every series through prometheus_client's metric objects too.
+# Its tests with worker processes import the unmutated package, so the series is also
+# driven here in-process (where the objects keep their values in memory) and read
+# through a fresh registry.
+
+MP_BOUNDS = (0.001, 0.01, 0.1)
+
+
+def _mp_registry(series: Any) -> CollectorRegistry:
+    """A fresh registry holding the multiprocess metric objects behind ``series``."""
+    registry = CollectorRegistry()
+    for metric in series.metrics._made.values():
+        registry.register(metric)
+    return registry
+
+
+def test_multiprocess_statement_series_are_written_through() -> None:
+    """In multiprocess mode calls, seconds, rows, info, durations, slow and errors are exact."""
+    from sqlprobe._sinks._multiprocess import MultiprocessExporter
+
+    exporter = MultiprocessExporter()
+    series = exporter.engine_series("db", MP_BOUNDS, 2)
+    select, update = analyze("SELECT a FROM t WHERE id = 1"), analyze("UPDATE t SET a = 1")
+    first = series.prepare(select)
+    series.observe(first, 0.005, 3, None)
+    series.observe(first, 0.05, -1, None)  # a failed statement reports no rows
+    series.observe(first, 0.0002, 1, None)
+    series.observe_slow(first)
+    second = series.prepare(update)
+    series.observe(second, 0.0005, 2, None)
+    series.observe_error(second, "IntegrityError")
+    beyond = series.prepare(analyze("DELETE FROM t WHERE id = 2"))
+    series.observe(beyond, 2.0, 4, None)
+    series.observe_error(beyond, "IntegrityError")
+    for n in range(49):
+        series.observe_error(second, f"Error{n}")
+    series.observe_error(second, "OneTooMany")
+    exporter.internal_error("collector")
+    reg = _mp_registry(series)
+
+    def value(name: str, **labels: str) -> float | None:
+        return reg.get_sample_value(name, {"engine": "db", **labels})
+
+    fp, fp2 = select.fingerprint, update.fingerprint
+    assert value("sqlprobe_statement_calls_total", fingerprint=fp) == 3
+    assert value("sqlprobe_statement_seconds_total", fingerprint=fp) == pytest.approx(0.0552)
+    assert value("sqlprobe_statement_rows_total", fingerprint=fp) == 4
+    assert value("sqlprobe_statement_calls_total", fingerprint=fp2) == 1
+    assert value("sqlprobe_statement_rows_total", fingerprint=fp2) == 2
+    assert value("sqlprobe_statement_calls_total", fingerprint="_other") == 1
+    assert value("sqlprobe_statement_seconds_total", fingerprint="_other") == 2.0
+    assert value("sqlprobe_statement_rows_total", fingerprint="_other") == 4
+    info = {"fingerprint": fp, "operation": "SELECT", "table": "t", "statement": select.normalized}
+    assert value("sqlprobe_statement_info", **info) == 1
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="0.001") == 1
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="0.01") == 2
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="0.1") == 3
+    assert value("sqlprobe_query_duration_seconds_sum", operation="SELECT") == pytest.approx(0.0552)
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="DELETE", le="0.1") == 0
+    assert value("sqlprobe_query_duration_seconds_count", operation="DELETE") == 1
+    assert value("sqlprobe_slow_queries_total", operation="SELECT") == 1
+    assert value("sqlprobe_slow_queries_total", operation="UPDATE") == 0
+    assert value("sqlprobe_slow_queries_total", operation="INSERT") == 0
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="IntegrityError") == 1
+    assert value("sqlprobe_query_errors_total", operation="DELETE", error="IntegrityError") == 1
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="Error48") == 1
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="_other") == 1
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="OneTooMany") is None
+    assert reg.get_sample_value("sqlprobe_internal_errors_total", {"stage": "collector"}) == 1
+
+
+def test_multiprocess_detections_and_advice_are_written_through() -> None:
+    """In multiprocess mode N+1 counts (unknown shapes under _other) and advice are exported."""
+    from sqlprobe._sinks._multiprocess import MultiprocessExporter
+    from sqlprobe._sinks._prometheus import MAX_N_PLUS_ONE_SERIES
+
+    exporter = MultiprocessExporter()
+    series = exporter.engine_series("db", MP_BOUNDS, 1)
+    select = analyze("SELECT a FROM t WHERE id = 1")
+    series.prepare(select)
+    series.detected(select.fingerprint, "User.orders")
+    series.detected(select.fingerprint, "User.orders")
+    series.detected("0123456789abcdef", "User.items")
+    series.advised("t", "a", True)
+    series.advised("t", "b", True)  # beyond max_fingerprints (1): not exported
+    for n in range(MAX_N_PLUS_ONE_SERIES - 2):  # the series limit, then one more pair
+        series.detected(select.fingerprint, f"Rel.r{n}")
+    series.detected(select.fingerprint, "User.addresses")
+    reg = _mp_registry(series)
+    n_plus_one = "sqlprobe_n_plus_one_total"
+    labels = {"engine": "db", "fingerprint": select.fingerprint, "relationship": "User.orders"}
+    assert reg.get_sample_value(n_plus_one, labels) == 2
+    other = {"engine": "db", "fingerprint": "_other", "relationship": "User.items"}
+    assert reg.get_sample_value(n_plus_one, other) == 1
+    overflow = {"engine": "db", "fingerprint": "_other", "relationship": ""}
+    assert reg.get_sample_value(n_plus_one, overflow) == 1
+    last = {**labels, "relationship": f"Rel.r{MAX_N_PLUS_ONE_SERIES - 3}"}
+    assert reg.get_sample_value(n_plus_one, last) == 1
+    assert reg.get_sample_value(n_plus_one, {**labels, "relationship": "User.addresses"}) is None
+    advice = {"engine": "db", "table": "t", "columns": "a", "proven": "true"}
+    assert reg.get_sample_value("sqlprobe_index_advice_info", advice) == 1
+    assert reg.get_sample_value("sqlprobe_index_advice_info", {**advice, "columns": "b"}) is None
+
+
+def test_multiprocess_pool_series_are_written_through() -> None:
+    """In multiprocess mode the pool histograms, counters and gauges are written per event."""
+    from sqlprobe._sinks._multiprocess import MultiprocessExporter
+
+    exporter = MultiprocessExporter()
+    series = exporter.engine_series("db", MP_BOUNDS, 10)
+    state = [(2, 1, 5)]
+    series.add_pool(lambda: state[0], True)
+    series.checkout(0.002)
+    series.connected(0.003)
+    series.connect_failed("OperationalError")
+    series.timeout()
+    series.invalidated()
+    series.transaction("commit", 0.05)
+    series.transaction("rollback", 0.5)
+    series.idle(0.005)
+    series.unit("GET /a", 3, 0.01, 0.002, 1)
+    series.unit("GET /b", 1, 0.001, 0.0, 1)
+    reg = _mp_registry(series)
+
+    def value(name: str, **labels: str) -> float | None:
+        return reg.get_sample_value(name, {"engine": "db", **labels})
+
+    assert value("sqlprobe_pool_checkout_wait_seconds_bucket", le="0.001") == 0
+    assert value("sqlprobe_pool_checkout_wait_seconds_bucket", le="0.01") == 1
+    assert value("sqlprobe_pool_checkout_wait_seconds_sum") == 0.002
+    assert value("sqlprobe_pool_connect_seconds_sum") == 0.003
+    assert value("sqlprobe_pool_connects_total") == 1
+    assert value("sqlprobe_pool_connect_errors_total", error="OperationalError") == 1
+    assert value("sqlprobe_pool_checkout_timeouts_total") == 1
+    assert value("sqlprobe_pool_invalidations_total") == 1
+    assert value("sqlprobe_transaction_duration_seconds_bucket", outcome="commit", le="0.1") == 1
+    assert value("sqlprobe_transaction_duration_seconds_bucket", outcome="rollback", le="0.1") == 0
+    assert value("sqlprobe_transaction_duration_seconds_count", outcome="rollback") == 1
+    assert value("sqlprobe_pool_connection_idle_seconds_sum") == 0.005
+    assert value("sqlprobe_scope_statements_sum", route="GET /a") == 3
+    assert value("sqlprobe_scope_statements_bucket", route="GET /a", le="2.0") == 0
+    assert value("sqlprobe_scope_statements_bucket", route="GET /a", le="3.0") == 1
+    assert value("sqlprobe_scope_db_seconds_sum", route="GET /a") == 0.01
+    assert value("sqlprobe_scope_pool_wait_seconds_sum", route="GET /a") == 0.002
+    assert value("sqlprobe_scope_statements_sum", route="_other") == 1
+    assert value("sqlprobe_scope_db_seconds_sum", route="_other") == 0.001
+    assert value("sqlprobe_scope_statements_count", route="GET /b") is None
+    # Gauges: what the pool reports, the last checkout's view.
+    assert value("sqlprobe_pool_connections", state="idle") == 2
+    assert value("sqlprobe_pool_connections", state="used") == 1
+    assert value("sqlprobe_pool_max_connections") == 5
+    assert value("sqlprobe_pool_peak_connections") == 1
+
+
+def test_multiprocess_checkin_counts_the_returned_connection_as_idle() -> None:
+    """A check-in's gauges show the connection back in the pool, or closed by a NullPool."""
+    from sqlprobe._sinks._multiprocess import MultiprocessExporter
+
+    exporter = MultiprocessExporter()
+    series = exporter.engine_series("db", MP_BOUNDS, 10)
+    state = [(2, 1, 5)]
+    series.add_pool(lambda: state[0], True)
+    series.checkin(0.02)
+    reg = _mp_registry(series)
+    labels = {"engine": "db"}
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}) == 3
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "used"}) == 0
+    assert reg.get_sample_value("sqlprobe_pool_peak_connections", labels) == 1
+    assert reg.get_sample_value("sqlprobe_pool_connection_use_seconds_sum", labels) == 0.02
+    series.returned(0.03, 0.004)
+    reg = _mp_registry(series)
+    assert reg.get_sample_value("sqlprobe_pool_connection_use_seconds_count", labels) == 2
+    assert reg.get_sample_value("sqlprobe_pool_connection_use_seconds_sum", labels) == 0.05
+    assert reg.get_sample_value("sqlprobe_pool_connection_idle_seconds_sum", labels) == 0.004
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}) == 3
+
+    nullpool = MultiprocessExporter().engine_series("null", MP_BOUNDS, 10)
+    nullpool.add_pool(lambda: (0, 1, None), False)
+    nullpool.checkin(0.02)
+    reg = _mp_registry(nullpool)
+    labels = {"engine": "null"}
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}) == 0
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "used"}) == 0
+    assert reg.get_sample_value("sqlprobe_pool_max_connections", labels) == 0
+
+
+def test_multiprocess_peak_covers_the_current_and_the_previous_minute() -> None:
+    """The peak gauge is the most in use in this minute or the previous one, then forgets."""
+    from sqlprobe._sinks._multiprocess import MultiprocessExporter
+
+    exporter = MultiprocessExporter()
+    series = exporter.engine_series("db", MP_BOUNDS, 10)
+    state = [(0, 3, 5)]
+    series.add_pool(lambda: state[0], True)
+    labels = {"engine": "db"}
+
+    def peak() -> float | None:
+        return _mp_registry(series).get_sample_value("sqlprobe_pool_peak_connections", labels)
+
+    assert peak() == 3
+    state[0] = (2, 1, 5)
+    series.checkout(0.001)
+    assert peak() == 3  # same window
+    series._peak_window[0] -= 60.5  # a minute later: the previous minute still counts
+    series.checkout(0.001)
+    assert peak() == 3
+    assert series._peak_window[1:] == [1, 3]
+    state[0] = (0, 4, 5)
+    series.checkout(0.001)
+    assert peak() == 4
+    series._peak_window[0] -= 120.5  # two minutes with no event: both are forgotten
+    state[0] = (2, 1, 5)
+    series.checkout(0.001)
+    assert peak() == 1
+    assert series._peak_window[1:] == [1, 0]
