@@ -322,3 +322,214 @@ def test_multiprocess_peak_covers_the_current_and_the_previous_minute() -> None:
     series.checkout(0.001)
     assert peak() == 1
     assert series._peak_window[1:] == [1, 0]
+
+
+def _exported(name: str = "db", max_fingerprints: int = 10) -> tuple[Any, Any, CollectorRegistry]:
+    """A single-process exporter on a fresh registry, and the series of engine ``name``."""
+    from sqlprobe._sinks._prometheus import PrometheusExporter
+
+    exporter = PrometheusExporter()
+    registry = CollectorRegistry()
+    registry.register(exporter)
+    return exporter, exporter.engine_series(name, MP_BOUNDS, max_fingerprints), registry
+
+
+def test_pool_gauges_add_up_the_live_pools_of_a_name() -> None:
+    """Idle, used and max sum over live pools; an unbounded or no live pool drops the max."""
+    _exporter, series, registry = _exported()
+    labels = {"engine": "db"}
+
+    def gauges() -> tuple[float | None, float | None, float | None]:
+        return (
+            registry.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}),
+            registry.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "used"}),
+            registry.get_sample_value("sqlprobe_pool_max_connections", labels),
+        )
+
+    assert gauges() == (0, 0, None)
+    first, second, gone = (lambda: (2, 1, 5)), (lambda: (1, 2, 3)), (lambda: None)
+    series.add_pool(first, True)
+    series.add_pool(gone, True)
+    assert gauges() == (2, 1, 5)
+    series.add_pool(second, True)
+    assert gauges() == (3, 3, 8)
+
+    def unbounded() -> tuple[int, int, None]:
+        return (0, 4, None)
+
+    series.add_pool(unbounded, False)
+    assert gauges() == (3, 7, None)
+    series.remove_pool(unbounded)
+    series.remove_pool(first)
+    assert gauges() == (1, 2, 3)
+    assert series.pool_snapshot() == (1, 2, 3, 1)
+
+
+def test_peak_gauge_sums_each_pool_peak_taken_at_the_scrape() -> None:
+    """The peak is the sum of each pool's peak read at the scrape; no pool, no sample."""
+    _exporter, series, registry = _exported()
+    labels = {"engine": "db"}
+    assert registry.get_sample_value("sqlprobe_pool_peak_connections", labels) is None
+    first, second = (lambda: 2), (lambda: 3)
+    series.add_peak(first)
+    series.add_peak(second)
+    assert registry.get_sample_value("sqlprobe_pool_peak_connections", labels) == 5
+    series.remove_peak(second)
+    assert registry.get_sample_value("sqlprobe_pool_peak_connections", labels) == 2
+
+
+def test_pool_counters_and_histograms_are_exact() -> None:
+    """Every pool event lands in its own series with its exact value."""
+    _exporter, series, registry = _exported()
+    series.checkout(0.002)
+    series.checkin(0.02)
+    series.connected(0.003)
+    series.connected(0.0005)
+    series.connect_failed("OperationalError")
+    series.connect_failed("OperationalError")
+    series.timeout()
+    series.invalidated()
+    series.invalidated()
+    series.transaction("commit", 0.05)
+    series.transaction("rollback", 0.5)
+    series.idle(0.005)
+    series.returned(0.03, 0.0004)
+    series.unit("GET /a", 3, 0.01, 0.002, 1)
+    series.unit("GET /a", 2, 0.02, 0.0, 1)
+    series.unit("GET /b", 1, 0.001, 0.0, 1)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"engine": "db", **labels})
+
+    assert value("sqlprobe_pool_checkout_wait_seconds_bucket", le="0.001") == 0
+    assert value("sqlprobe_pool_checkout_wait_seconds_bucket", le="0.01") == 1
+    assert value("sqlprobe_pool_checkout_wait_seconds_sum") == 0.002
+    assert value("sqlprobe_pool_connection_use_seconds_count") == 2
+    assert value("sqlprobe_pool_connection_use_seconds_sum") == 0.05
+    assert value("sqlprobe_pool_connection_use_seconds_bucket", le="0.01") == 0
+    assert value("sqlprobe_pool_connection_idle_seconds_bucket", le="0.001") == 1
+    assert value("sqlprobe_pool_connection_idle_seconds_sum") == pytest.approx(0.0054)
+    assert value("sqlprobe_pool_connect_seconds_count") == 2
+    assert value("sqlprobe_pool_connect_seconds_bucket", le="0.001") == 1
+    assert value("sqlprobe_pool_connects_total") == 2
+    assert value("sqlprobe_pool_connect_errors_total", error="OperationalError") == 2
+    assert value("sqlprobe_pool_checkout_timeouts_total") == 1
+    assert value("sqlprobe_pool_invalidations_total") == 2
+    assert value("sqlprobe_transaction_duration_seconds_bucket", outcome="commit", le="0.1") == 1
+    assert value("sqlprobe_transaction_duration_seconds_sum", outcome="rollback") == 0.5
+    assert value("sqlprobe_transaction_duration_seconds_bucket", outcome="rollback", le="0.1") == 0
+    assert value("sqlprobe_scope_statements_count", route="GET /a") == 2
+    assert value("sqlprobe_scope_statements_sum", route="GET /a") == 5
+    assert value("sqlprobe_scope_statements_bucket", route="GET /a", le="2.0") == 1
+    assert value("sqlprobe_scope_db_seconds_sum", route="GET /a") == pytest.approx(0.03)
+    assert value("sqlprobe_scope_pool_wait_seconds_sum", route="GET /a") == 0.002
+    assert value("sqlprobe_scope_statements_sum", route="_other") == 1
+    assert value("sqlprobe_scope_statements_count", route="GET /b") is None
+
+
+def test_statement_series_and_their_bounds_are_exact() -> None:
+    """Calls, seconds, rows, slow, errors, N+1 and advice per engine, within their bounds."""
+    from sqlprobe._sinks._prometheus import MAX_ERROR_CLASSES, MAX_N_PLUS_ONE_SERIES
+
+    exporter, series, registry = _exported(max_fingerprints=2)
+    select, update = analyze("SELECT a FROM t WHERE id = 1"), analyze("UPDATE t SET a = 1")
+    first = series.prepare(select)
+    assert series.prepare(select) is first
+    series.observe(first, 0.005, 3, None)
+    series.observe(first, 0.05, -1, None)
+    series.observe(first, 0.0002, 1, None)
+    series.observe_slow(first)
+    series.observe_slow(first)
+    second = series.prepare(update)
+    series.observe(second, 0.0005, 2, None)
+    deleted = series.prepare(analyze("DELETE FROM t WHERE id = 2"))
+    inserted = series.prepare(analyze("INSERT INTO t (a) VALUES (1)"))
+    series.observe(deleted, 2.0, 4, None)
+    series.observe(inserted, 0.5, 1, None)
+    series.observe(inserted, 0.25, 1, None)
+    series.statement_failed("COMMIT", "OperationalError")  # the first error class
+    for n in range(MAX_ERROR_CLASSES - 1):
+        series.observe_error(second, f"Error{n}")
+    series.observe_error(second, "OneTooMany")
+    series.observe_error(second, "Error0")
+    series.detected(select.fingerprint, "User.orders")
+    series.detected("0123456789abcdef", "User.items")
+    for n in range(MAX_N_PLUS_ONE_SERIES - 2):
+        series.detected(select.fingerprint, f"Rel.r{n}")
+    series.detected(select.fingerprint, "User.addresses")
+    series.detected(select.fingerprint, "User.addresses")
+    series.advised("t", "a", True)
+    series.advised("t", "a", True)
+    series.advised("u", "b", False)
+    series.advised("v", "c", True)  # beyond max_fingerprints (2)
+    exporter.internal_error("otel")
+    exporter.internal_error("otel")
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"engine": "db", **labels})
+
+    fp, fp2 = select.fingerprint, update.fingerprint
+    assert value("sqlprobe_statement_calls_total", fingerprint=fp) == 3
+    assert value("sqlprobe_statement_seconds_total", fingerprint=fp) == pytest.approx(0.0552)
+    assert value("sqlprobe_statement_rows_total", fingerprint=fp) == 4
+    assert value("sqlprobe_statement_rows_total", fingerprint=fp2) == 2
+    assert value("sqlprobe_statement_calls_total", fingerprint="_other") == 3
+    assert value("sqlprobe_statement_seconds_total", fingerprint="_other") == 2.75
+    assert value("sqlprobe_statement_rows_total", fingerprint="_other") == 6
+    other_info = {"fingerprint": "_other", "operation": "OTHER", "table": ""}
+    other_info["statement"] = "(shapes beyond max_fingerprints)"
+    assert value("sqlprobe_statement_info", **other_info) == 1
+    info = {"fingerprint": fp, "operation": "SELECT", "table": "t", "statement": select.normalized}
+    assert value("sqlprobe_statement_info", **info) == 1
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="0.001") == 1
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="0.1") == 3
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="+Inf") == 3
+    assert value("sqlprobe_query_duration_seconds_count", operation="INSERT") == 2
+    assert value("sqlprobe_query_duration_seconds_sum", operation="INSERT") == 0.75
+    # A preset operation without statements is exported at 0; another one is not.
+    assert value("sqlprobe_query_duration_seconds_count", operation="UPDATE") == 1
+    assert value("sqlprobe_query_duration_seconds_count", operation="COMMIT") is None
+    assert value("sqlprobe_slow_queries_total", operation="COMMIT") == 0
+    assert value("sqlprobe_slow_queries_total", operation="SELECT") == 2
+    assert value("sqlprobe_slow_queries_total", operation="DELETE") == 0
+    assert value("sqlprobe_query_errors_total", operation="COMMIT", error="OperationalError") == 1
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="Error0") == 2
+    last = f"Error{MAX_ERROR_CLASSES - 2}"
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error=last) == 1
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="_other") == 1
+    assert value("sqlprobe_n_plus_one_total", fingerprint=fp, relationship="User.orders") == 1
+    assert value("sqlprobe_n_plus_one_total", fingerprint="_other", relationship="User.items") == 1
+    assert value("sqlprobe_n_plus_one_total", fingerprint="_other", relationship="") == 2
+    advice = {"table": "t", "columns": "a", "proven": "true"}
+    assert value("sqlprobe_index_advice_info", **advice) == 1
+    assert value("sqlprobe_index_advice_info", table="u", columns="b", proven="false") == 1
+    assert value("sqlprobe_index_advice_info", table="v", columns="c", proven="true") is None
+    assert registry.get_sample_value("sqlprobe_internal_errors_total", {"stage": "otel"}) == 2
+
+
+def test_released_names_keep_their_totals_within_the_bound() -> None:
+    """A released engine name keeps its totals until MAX_RETAINED_ENGINES newer ones go."""
+    from sqlprobe._sinks._prometheus import MAX_RETAINED_ENGINES
+
+    exporter, series, registry = _exported("first")
+    series.timeout()
+    again = exporter.engine_series("first", MP_BOUNDS, 10)
+    assert again is series
+    exporter.release(series)  # one reference left
+    assert "first" not in exporter.retained
+    exporter.release(series)
+    assert list(exporter.retained) == ["first"]
+    exporter.release(series)  # a release too many changes nothing
+    assert exporter.engine_series("first", MP_BOUNDS, 10) is series  # continues its totals
+    assert not exporter.retained
+    exporter.release(series)
+    with pytest.raises(ValueError, match="'first' is already attached on this registry"):
+        exporter.engine_series("first", (0.5,), 10)
+    for n in range(MAX_RETAINED_ENGINES - 1):
+        exporter.release(exporter.engine_series(f"e{n}", MP_BOUNDS, 10))
+    timeouts = "sqlprobe_pool_checkout_timeouts_total"
+    assert registry.get_sample_value(timeouts, {"engine": "first"}) == 1
+    exporter.release(exporter.engine_series("one-more", MP_BOUNDS, 10))
+    assert registry.get_sample_value(timeouts, {"engine": "first"}) is None
+    assert registry.get_sample_value(timeouts, {"engine": "e0"}) == 0
+    assert len(exporter.retained) == MAX_RETAINED_ENGINES
