@@ -4,6 +4,7 @@ the registry's samples, the shapes and the records, so the tests outlive refacto
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,8 @@ def test_multiprocess_statement_series_are_written_through() -> None:
     for n in range(49):
         series.observe_error(second, f"Error{n}")
     series.observe_error(second, "OneTooMany")
+    for n in range(50):
+        series.connect_failed(f"ConnectError{n}")
     exporter.internal_error("collector")
     reg = _mp_registry(series)
 
@@ -176,6 +179,22 @@ def test_multiprocess_statement_series_are_written_through() -> None:
     assert value("sqlprobe_query_errors_total", operation="UPDATE", error="_other") == 1
     assert value("sqlprobe_query_errors_total", operation="UPDATE", error="OneTooMany") is None
     assert reg.get_sample_value("sqlprobe_internal_errors_total", {"stage": "collector"}) == 1
+    errors = "sqlprobe_pool_connect_errors_total"
+    assert reg.get_sample_value(errors, {"engine": "db", "error": "_other"}) == 50
+    # This process's view (what Probe.statements() reads) has the same shapes.
+    own = CollectorRegistry()
+    own.register(exporter)
+    assert own.get_sample_value("sqlprobe_statement_info", {"engine": "db", **info}) == 1
+    (other,) = series.other.values()
+    assert (other.fingerprint, other.statement) == ("_other", "(shapes beyond max_fingerprints)")
+    # Each metric object has its family's help text (the aggregate shows it) and mode.
+    from sqlprobe._sinks._families import BY_NAME
+
+    for (name, _bounds), metric in series.metrics._made.items():
+        spec = BY_NAME[name]
+        assert metric._documentation == spec.help
+        if spec.kind == "gauge":
+            assert metric._multiprocess_mode == spec.multiprocess_mode
 
 
 def test_multiprocess_detections_and_advice_are_written_through() -> None:
@@ -184,14 +203,15 @@ def test_multiprocess_detections_and_advice_are_written_through() -> None:
     from sqlprobe._sinks._prometheus import MAX_N_PLUS_ONE_SERIES
 
     exporter = MultiprocessExporter()
-    series = exporter.engine_series("db", MP_BOUNDS, 1)
+    series = exporter.engine_series("db", MP_BOUNDS, 2)
     select = analyze("SELECT a FROM t WHERE id = 1")
     series.prepare(select)
     series.detected(select.fingerprint, "User.orders")
     series.detected(select.fingerprint, "User.orders")
     series.detected("0123456789abcdef", "User.items")
-    series.advised("t", "a", True)
-    series.advised("t", "b", True)  # beyond max_fingerprints (1): not exported
+    series.advised("t", "a", False)
+    series.advised("t", "c", True)
+    series.advised("t", "b", True)  # beyond max_fingerprints (2): not exported
     for n in range(MAX_N_PLUS_ONE_SERIES - 2):  # the series limit, then one more pair
         series.detected(select.fingerprint, f"Rel.r{n}")
     series.detected(select.fingerprint, "User.addresses")
@@ -206,9 +226,12 @@ def test_multiprocess_detections_and_advice_are_written_through() -> None:
     last = {**labels, "relationship": f"Rel.r{MAX_N_PLUS_ONE_SERIES - 3}"}
     assert reg.get_sample_value(n_plus_one, last) == 1
     assert reg.get_sample_value(n_plus_one, {**labels, "relationship": "User.addresses"}) is None
-    advice = {"engine": "db", "table": "t", "columns": "a", "proven": "true"}
+    advice = {"engine": "db", "table": "t", "columns": "a", "proven": "false"}
     assert reg.get_sample_value("sqlprobe_index_advice_info", advice) == 1
-    assert reg.get_sample_value("sqlprobe_index_advice_info", {**advice, "columns": "b"}) is None
+    proven = {**advice, "columns": "c", "proven": "true"}
+    assert reg.get_sample_value("sqlprobe_index_advice_info", proven) == 1
+    beyond = {**advice, "columns": "b", "proven": "true"}
+    assert reg.get_sample_value("sqlprobe_index_advice_info", beyond) is None
 
 
 def test_multiprocess_pool_series_are_written_through() -> None:
@@ -267,11 +290,13 @@ def test_multiprocess_checkin_counts_the_returned_connection_as_idle() -> None:
 
     exporter = MultiprocessExporter()
     series = exporter.engine_series("db", MP_BOUNDS, 10)
-    state = [(2, 1, 5)]
+    state = [(3, 0, 5)]
     series.add_pool(lambda: state[0], True)
+    labels = {"engine": "db"}
+    assert _mp_registry(series).get_sample_value("sqlprobe_pool_peak_connections", labels) == 0
+    state[0] = (2, 1, 5)  # checked out, and now being checked in
     series.checkin(0.02)
     reg = _mp_registry(series)
-    labels = {"engine": "db"}
     assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}) == 3
     assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "used"}) == 0
     assert reg.get_sample_value("sqlprobe_pool_peak_connections", labels) == 1
@@ -282,6 +307,11 @@ def test_multiprocess_checkin_counts_the_returned_connection_as_idle() -> None:
     assert reg.get_sample_value("sqlprobe_pool_connection_use_seconds_sum", labels) == 0.05
     assert reg.get_sample_value("sqlprobe_pool_connection_idle_seconds_sum", labels) == 0.004
     assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}) == 3
+    state[0] = (3, 0, 5)  # a pool that already counts the connection as returned
+    series.checkin(0.01)
+    reg = _mp_registry(series)
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}) == 3
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "used"}) == 0
 
     nullpool = MultiprocessExporter().engine_series("null", MP_BOUNDS, 10)
     nullpool.add_pool(lambda: (0, 1, None), False)
@@ -322,6 +352,10 @@ def test_multiprocess_peak_covers_the_current_and_the_previous_minute() -> None:
     series.checkout(0.001)
     assert peak() == 1
     assert series._peak_window[1:] == [1, 0]
+    series._peak_window[0] -= 60.5  # a minute in which nothing was in use
+    state[0] = (3, 0, 5)
+    series.invalidated()
+    assert series._peak_window[1:] == [0, 1]
 
 
 def _exported(name: str = "db", max_fingerprints: int = 10) -> tuple[Any, Any, CollectorRegistry]:
@@ -353,6 +387,7 @@ def test_pool_gauges_add_up_the_live_pools_of_a_name() -> None:
     assert gauges() == (2, 1, 5)
     series.add_pool(second, True)
     assert gauges() == (3, 3, 8)
+    assert series.pool_snapshot() == (3, 3, 8, 2)
 
     def unbounded() -> tuple[int, int, None]:
         return (0, 4, None)
@@ -381,41 +416,45 @@ def test_peak_gauge_sums_each_pool_peak_taken_at_the_scrape() -> None:
 def test_pool_counters_and_histograms_are_exact() -> None:
     """Every pool event lands in its own series with its exact value."""
     _exporter, series, registry = _exported()
-    series.checkout(0.002)
-    series.checkin(0.02)
-    series.connected(0.003)
+    for _ in range(2):  # twice each: a count or sum that is set instead of added shows
+        series.checkout(0.002)
+        series.checkin(0.02)
+        series.connected(0.003)
+        series.connect_failed("OperationalError")
+        series.timeout()
+        series.invalidated()
+        series.transaction("commit", 0.05)
+        series.idle(0.005)
+        series.returned(0.03, 0.0004)
     series.connected(0.0005)
-    series.connect_failed("OperationalError")
-    series.connect_failed("OperationalError")
-    series.timeout()
-    series.invalidated()
-    series.invalidated()
-    series.transaction("commit", 0.05)
     series.transaction("rollback", 0.5)
-    series.idle(0.005)
-    series.returned(0.03, 0.0004)
     series.unit("GET /a", 3, 0.01, 0.002, 1)
     series.unit("GET /a", 2, 0.02, 0.0, 1)
     series.unit("GET /b", 1, 0.001, 0.0, 1)
+    series.unit("GET /c", 4, 0.002, 0.0, 1)
 
     def value(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, {"engine": "db", **labels})
 
     assert value("sqlprobe_pool_checkout_wait_seconds_bucket", le="0.001") == 0
-    assert value("sqlprobe_pool_checkout_wait_seconds_bucket", le="0.01") == 1
-    assert value("sqlprobe_pool_checkout_wait_seconds_sum") == 0.002
-    assert value("sqlprobe_pool_connection_use_seconds_count") == 2
-    assert value("sqlprobe_pool_connection_use_seconds_sum") == 0.05
+    assert value("sqlprobe_pool_checkout_wait_seconds_bucket", le="0.01") == 2
+    assert value("sqlprobe_pool_checkout_wait_seconds_sum") == 0.004
+    assert value("sqlprobe_pool_connection_use_seconds_count") == 4
+    assert value("sqlprobe_pool_connection_use_seconds_sum") == pytest.approx(0.1)
     assert value("sqlprobe_pool_connection_use_seconds_bucket", le="0.01") == 0
-    assert value("sqlprobe_pool_connection_idle_seconds_bucket", le="0.001") == 1
-    assert value("sqlprobe_pool_connection_idle_seconds_sum") == pytest.approx(0.0054)
-    assert value("sqlprobe_pool_connect_seconds_count") == 2
+    assert value("sqlprobe_pool_connection_use_seconds_bucket", le="0.1") == 4
+    assert value("sqlprobe_pool_connection_idle_seconds_bucket", le="0.001") == 2
+    assert value("sqlprobe_pool_connection_idle_seconds_bucket", le="0.01") == 4
+    assert value("sqlprobe_pool_connection_idle_seconds_sum") == pytest.approx(0.0108)
+    assert value("sqlprobe_pool_connect_seconds_count") == 3
     assert value("sqlprobe_pool_connect_seconds_bucket", le="0.001") == 1
-    assert value("sqlprobe_pool_connects_total") == 2
+    assert value("sqlprobe_pool_connect_seconds_bucket", le="0.01") == 3
+    assert value("sqlprobe_pool_connects_total") == 3
     assert value("sqlprobe_pool_connect_errors_total", error="OperationalError") == 2
-    assert value("sqlprobe_pool_checkout_timeouts_total") == 1
+    assert value("sqlprobe_pool_checkout_timeouts_total") == 2
     assert value("sqlprobe_pool_invalidations_total") == 2
-    assert value("sqlprobe_transaction_duration_seconds_bucket", outcome="commit", le="0.1") == 1
+    assert value("sqlprobe_transaction_duration_seconds_bucket", outcome="commit", le="0.1") == 2
+    assert value("sqlprobe_transaction_duration_seconds_sum", outcome="commit") == 0.1
     assert value("sqlprobe_transaction_duration_seconds_sum", outcome="rollback") == 0.5
     assert value("sqlprobe_transaction_duration_seconds_bucket", outcome="rollback", le="0.1") == 0
     assert value("sqlprobe_scope_statements_count", route="GET /a") == 2
@@ -423,7 +462,8 @@ def test_pool_counters_and_histograms_are_exact() -> None:
     assert value("sqlprobe_scope_statements_bucket", route="GET /a", le="2.0") == 1
     assert value("sqlprobe_scope_db_seconds_sum", route="GET /a") == pytest.approx(0.03)
     assert value("sqlprobe_scope_pool_wait_seconds_sum", route="GET /a") == 0.002
-    assert value("sqlprobe_scope_statements_sum", route="_other") == 1
+    assert value("sqlprobe_scope_statements_count", route="_other") == 2
+    assert value("sqlprobe_scope_statements_sum", route="_other") == 5
     assert value("sqlprobe_scope_statements_count", route="GET /b") is None
 
 
@@ -447,6 +487,8 @@ def test_statement_series_and_their_bounds_are_exact() -> None:
     series.observe(deleted, 2.0, 4, None)
     series.observe(inserted, 0.5, 1, None)
     series.observe(inserted, 0.25, 1, None)
+    created = series.prepare(analyze("CREATE TABLE x (a INT)"))
+    series.observe(created, 0.001, -1, None)
     series.statement_failed("COMMIT", "OperationalError")  # the first error class
     for n in range(MAX_ERROR_CLASSES - 1):
         series.observe_error(second, f"Error{n}")
@@ -473,8 +515,8 @@ def test_statement_series_and_their_bounds_are_exact() -> None:
     assert value("sqlprobe_statement_seconds_total", fingerprint=fp) == pytest.approx(0.0552)
     assert value("sqlprobe_statement_rows_total", fingerprint=fp) == 4
     assert value("sqlprobe_statement_rows_total", fingerprint=fp2) == 2
-    assert value("sqlprobe_statement_calls_total", fingerprint="_other") == 3
-    assert value("sqlprobe_statement_seconds_total", fingerprint="_other") == 2.75
+    assert value("sqlprobe_statement_calls_total", fingerprint="_other") == 4
+    assert value("sqlprobe_statement_seconds_total", fingerprint="_other") == 2.751
     assert value("sqlprobe_statement_rows_total", fingerprint="_other") == 6
     other_info = {"fingerprint": "_other", "operation": "OTHER", "table": ""}
     other_info["statement"] = "(shapes beyond max_fingerprints)"
@@ -489,6 +531,14 @@ def test_statement_series_and_their_bounds_are_exact() -> None:
     # A preset operation without statements is exported at 0; another one is not.
     assert value("sqlprobe_query_duration_seconds_count", operation="UPDATE") == 1
     assert value("sqlprobe_query_duration_seconds_count", operation="COMMIT") is None
+    assert value("sqlprobe_query_duration_seconds_count", operation="CREATE") == 1
+    quiet = exporter.engine_series("quiet", MP_BOUNDS, 2)
+    quiet.op("CREATE")
+    for operation in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+        labels = {"engine": "quiet", "operation": operation}
+        assert registry.get_sample_value("sqlprobe_query_duration_seconds_count", labels) == 0
+    create_op = {"engine": "quiet", "operation": "CREATE"}
+    assert registry.get_sample_value("sqlprobe_query_duration_seconds_count", create_op) is None
     assert value("sqlprobe_slow_queries_total", operation="COMMIT") == 0
     assert value("sqlprobe_slow_queries_total", operation="SELECT") == 2
     assert value("sqlprobe_slow_queries_total", operation="DELETE") == 0
@@ -523,7 +573,11 @@ def test_released_names_keep_their_totals_within_the_bound() -> None:
     assert exporter.engine_series("first", MP_BOUNDS, 10) is series  # continues its totals
     assert not exporter.retained
     exporter.release(series)
-    with pytest.raises(ValueError, match="'first' is already attached on this registry"):
+    message = (
+        "engine name 'first' is already attached on this registry with other buckets; "
+        "give this engine another name= or the same buckets"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         exporter.engine_series("first", (0.5,), 10)
     for n in range(MAX_RETAINED_ENGINES - 1):
         exporter.release(exporter.engine_series(f"e{n}", MP_BOUNDS, 10))
@@ -533,3 +587,115 @@ def test_released_names_keep_their_totals_within_the_bound() -> None:
     assert registry.get_sample_value(timeouts, {"engine": "first"}) is None
     assert registry.get_sample_value(timeouts, {"engine": "e0"}) == 0
     assert len(exporter.retained) == MAX_RETAINED_ENGINES
+
+
+class _SpanContext:
+    def __init__(self, trace_id: int, span_id: int) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+
+
+def test_exemplars_name_the_trace_in_hex_and_each_bucket_keeps_its_own() -> None:
+    """An exemplar has 32/16 lowercase hex ids, the value and its time, one per bucket."""
+    _exporter, series, registry = _exported()
+    stats = series.prepare(analyze("SELECT 1"))
+    before = time.time()
+    series.observe(stats, 0.005, -1, _SpanContext(0xABCDEF, 0xFEDCBA))
+    series.observe(stats, 0.05, -1, _SpanContext(0x1F, 0x2E))
+    after = time.time()
+    (family,) = [m for m in registry.collect() if m.name == "sqlprobe_query_duration_seconds"]
+    buckets = {
+        s.labels["le"]: s.exemplar
+        for s in family.samples
+        if s.name.endswith("_bucket") and s.labels["operation"] == "SELECT"
+    }
+    exemplar = buckets["0.01"]
+    assert exemplar is not None
+    assert exemplar.labels == {
+        "trace_id": "00000000000000000000000000abcdef",
+        "span_id": "0000000000fedcba",
+    }
+    assert exemplar.value == 0.005
+    assert exemplar.timestamp is not None and before <= exemplar.timestamp <= after
+    assert buckets["0.1"] is not None and buckets["0.1"].labels["span_id"] == "000000000000002e"
+    assert buckets["0.001"] is None
+
+
+def test_statements_report_the_shapes_beyond_the_limit_as_other(
+    sqlite_engine: Any, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """Probe.statements() lists the overflow under _other with its placeholder text."""
+    with sqlite_engine.connect():
+        pass  # the dialect's first-connect queries run before the probe
+    probe = sqlprobe.attach(sqlite_engine, registry=registry, max_fingerprints=1)
+    with sqlite_engine.connect() as conn:
+        conn.execute(text("SELECT 1")).all()
+        conn.execute(text("SELECT 2 + 2 AS x")).all()
+        conn.execute(text("SELECT 3 * 3 AS y")).all()
+    other = [s for s in probe.statements() if s.fingerprint == "_other"]
+    assert [(s.statement, s.operation, s.calls) for s in other] == [
+        ("(shapes beyond max_fingerprints)", "OTHER", 2)
+    ]
+
+
+class _RacingLock:
+    """The series lock, taken by another thread's prepare/op of the same key first."""
+
+    def __init__(self, series: Any, first: Any) -> None:
+        self.series = series
+        self.real = series.lock
+        self.first = first
+        self.won: list[Any] = []
+
+    def __enter__(self) -> None:
+        if not self.won:
+            self.series.lock = self.real
+            self.won.append(self.first())
+        self.real.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.release()
+
+
+def test_a_shape_made_by_another_thread_meanwhile_is_reused() -> None:
+    """A shape or operation created between the unlocked lookup and the lock is not replaced."""
+    _exporter, series, _registry = _exported()
+    shape = analyze("SELECT a FROM t WHERE id = 1")
+    race = _RacingLock(series, lambda: series.prepare(shape))
+    series.lock = race
+    stats = series.prepare(shape)
+    assert stats is race.won[0] is series.shapes[shape.fingerprint]
+    race = _RacingLock(series, lambda: series.op("VACUUM"))
+    series.lock = race
+    op = series.op("VACUUM")
+    assert op is race.won[0] is series.ops["VACUUM"]
+
+
+def test_multiprocess_mode_follows_the_value_class_and_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Multiprocess mode is on when the variable is set and prometheus_client writes files."""
+    from prometheus_client import values
+
+    from sqlprobe._sinks._multiprocess import multiprocess_active
+
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.delenv("prometheus_multiproc_dir", raising=False)
+    assert multiprocess_active() is False
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert multiprocess_active() is True
+
+
+def test_each_scrape_runs_the_deferred_clean_ups_first() -> None:
+    """The exporter calls before_collect once at the start of every scrape."""
+    from sqlprobe._sinks._prometheus import PrometheusExporter
+
+    calls: list[int] = []
+    exporter = PrometheusExporter(lambda: calls.append(len(exporter.engines)))
+    registry = CollectorRegistry()
+    registry.register(exporter)
+    exporter.engine_series("db", MP_BOUNDS, 10)
+    list(registry.collect())
+    list(registry.collect())
+    assert calls == [1, 1]
