@@ -4,8 +4,17 @@ the registry's samples, the shapes and the records, so the tests outlive refacto
 
 from __future__ import annotations
 
-import pytest
+import re
+import time
+from pathlib import Path
+from typing import Any
 
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine, text
+from structlog.testing import LogCapture
+
+import sqlprobe
 from sqlprobe._core._fingerprint import UNPARSED, analyze, normalize
 
 # ------------------------------------------------------------------------ fingerprints
@@ -62,3 +71,631 @@ def test_with_statement_past_the_candidate_bound_is_other_not_unparsed() -> None
     assert shape.normalized != UNPARSED
     assert shape.normalized.endswith(") SELECT * FROM a")
     assert shape.operation == "OTHER"
+
+
+# ---------------------------------------------------------------------- statement path
+
+
+def test_explain_plans_the_raw_statement_the_driver_ran(
+    tmp_path: Path, registry: CollectorRegistry, logs: LogCapture, logger: Any
+) -> None:
+    """The record carries the raw statement text: EXPLAIN (and index advice) plan it."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'raw.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE items (id INTEGER PRIMARY KEY, v TEXT)"))
+        probe = sqlprobe.attach(
+            engine, registry=registry, logger=logger, slow_query_threshold=0, explain=True
+        )
+        with engine.connect() as conn:
+            conn.execute(text("SELECT v FROM items WHERE v = :v"), {"v": "7"}).all()
+        deadline = time.monotonic() + 10.0
+        while True:
+            events = [
+                e
+                for e in logs.entries
+                if e["event"] == "slow_query" and e["statement"].startswith("SELECT v FROM")
+            ]
+            if events or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        probe.detach()
+        (event,) = events
+        assert event["plan"]["node"] == "SCAN items"
+        assert event["plan"]["seq_scans"] == ["items"]
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------------------- exporters
+# Multiprocess mode writes every series through prometheus_client's metric objects too.
+# Its tests with worker processes import the unmutated package, so the series is also
+# driven here in-process (where the objects keep their values in memory) and read
+# through a fresh registry.
+
+MP_BOUNDS = (0.001, 0.01, 0.1)
+
+
+def _mp_registry(series: Any) -> CollectorRegistry:
+    """A fresh registry holding the multiprocess metric objects behind ``series``."""
+    registry = CollectorRegistry()
+    for metric in series.metrics._made.values():
+        registry.register(metric)
+    return registry
+
+
+def test_multiprocess_statement_series_are_written_through() -> None:
+    """In multiprocess mode calls, seconds, rows, info, durations, slow and errors are exact."""
+    from sqlprobe._sinks._multiprocess import MultiprocessExporter
+
+    exporter = MultiprocessExporter()
+    series = exporter.engine_series("db", MP_BOUNDS, 2)
+    select, update = analyze("SELECT a FROM t WHERE id = 1"), analyze("UPDATE t SET a = 1")
+    first = series.prepare(select)
+    series.observe(first, 0.005, 3, None)
+    series.observe(first, 0.05, -1, None)  # a failed statement reports no rows
+    series.observe(first, 0.0002, 1, None)
+    series.observe_slow(first)
+    second = series.prepare(update)
+    series.observe(second, 0.0005, 2, None)
+    series.observe_error(second, "IntegrityError")
+    beyond = series.prepare(analyze("DELETE FROM t WHERE id = 2"))
+    series.observe(beyond, 2.0, 4, None)
+    series.observe_error(beyond, "IntegrityError")
+    for n in range(49):
+        series.observe_error(second, f"Error{n}")
+    series.observe_error(second, "OneTooMany")
+    for n in range(50):
+        series.connect_failed(f"ConnectError{n}")
+    exporter.internal_error("collector")
+    reg = _mp_registry(series)
+
+    def value(name: str, **labels: str) -> float | None:
+        return reg.get_sample_value(name, {"engine": "db", **labels})
+
+    fp, fp2 = select.fingerprint, update.fingerprint
+    assert value("sqlprobe_statement_calls_total", fingerprint=fp) == 3
+    assert value("sqlprobe_statement_seconds_total", fingerprint=fp) == pytest.approx(0.0552)
+    assert value("sqlprobe_statement_rows_total", fingerprint=fp) == 4
+    assert value("sqlprobe_statement_calls_total", fingerprint=fp2) == 1
+    assert value("sqlprobe_statement_rows_total", fingerprint=fp2) == 2
+    assert value("sqlprobe_statement_calls_total", fingerprint="_other") == 1
+    assert value("sqlprobe_statement_seconds_total", fingerprint="_other") == 2.0
+    assert value("sqlprobe_statement_rows_total", fingerprint="_other") == 4
+    info = {"fingerprint": fp, "operation": "SELECT", "table": "t", "statement": select.normalized}
+    assert value("sqlprobe_statement_info", **info) == 1
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="0.001") == 1
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="0.01") == 2
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="0.1") == 3
+    assert value("sqlprobe_query_duration_seconds_sum", operation="SELECT") == pytest.approx(0.0552)
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="DELETE", le="0.1") == 0
+    assert value("sqlprobe_query_duration_seconds_count", operation="DELETE") == 1
+    assert value("sqlprobe_slow_queries_total", operation="SELECT") == 1
+    assert value("sqlprobe_slow_queries_total", operation="UPDATE") == 0
+    assert value("sqlprobe_slow_queries_total", operation="INSERT") == 0
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="IntegrityError") == 1
+    assert value("sqlprobe_query_errors_total", operation="DELETE", error="IntegrityError") == 1
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="Error48") == 1
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="_other") == 1
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="OneTooMany") is None
+    assert reg.get_sample_value("sqlprobe_internal_errors_total", {"stage": "collector"}) == 1
+    errors = "sqlprobe_pool_connect_errors_total"
+    assert reg.get_sample_value(errors, {"engine": "db", "error": "_other"}) == 50
+    # This process's view (what Probe.statements() reads) has the same shapes.
+    own = CollectorRegistry()
+    own.register(exporter)
+    assert own.get_sample_value("sqlprobe_statement_info", {"engine": "db", **info}) == 1
+    (other,) = series.other.values()
+    assert (other.fingerprint, other.statement) == ("_other", "(shapes beyond max_fingerprints)")
+    # Each metric object has its family's help text (the aggregate shows it) and mode.
+    from sqlprobe._sinks._families import BY_NAME
+
+    for (name, _bounds), metric in series.metrics._made.items():
+        spec = BY_NAME[name]
+        assert metric._documentation == spec.help
+        if spec.kind == "gauge":
+            assert metric._multiprocess_mode == spec.multiprocess_mode
+
+
+def test_multiprocess_detections_and_advice_are_written_through() -> None:
+    """In multiprocess mode N+1 counts (unknown shapes under _other) and advice are exported."""
+    from sqlprobe._sinks._multiprocess import MultiprocessExporter
+    from sqlprobe._sinks._prometheus import MAX_N_PLUS_ONE_SERIES
+
+    exporter = MultiprocessExporter()
+    series = exporter.engine_series("db", MP_BOUNDS, 2)
+    select = analyze("SELECT a FROM t WHERE id = 1")
+    series.prepare(select)
+    series.detected(select.fingerprint, "User.orders")
+    series.detected(select.fingerprint, "User.orders")
+    series.detected("0123456789abcdef", "User.items")
+    series.advised("t", "a", False)
+    series.advised("t", "c", True)
+    series.advised("t", "b", True)  # beyond max_fingerprints (2): not exported
+    for n in range(MAX_N_PLUS_ONE_SERIES - 2):  # the series limit, then one more pair
+        series.detected(select.fingerprint, f"Rel.r{n}")
+    series.detected(select.fingerprint, "User.addresses")
+    reg = _mp_registry(series)
+    n_plus_one = "sqlprobe_n_plus_one_total"
+    labels = {"engine": "db", "fingerprint": select.fingerprint, "relationship": "User.orders"}
+    assert reg.get_sample_value(n_plus_one, labels) == 2
+    other = {"engine": "db", "fingerprint": "_other", "relationship": "User.items"}
+    assert reg.get_sample_value(n_plus_one, other) == 1
+    overflow = {"engine": "db", "fingerprint": "_other", "relationship": ""}
+    assert reg.get_sample_value(n_plus_one, overflow) == 1
+    last = {**labels, "relationship": f"Rel.r{MAX_N_PLUS_ONE_SERIES - 3}"}
+    assert reg.get_sample_value(n_plus_one, last) == 1
+    assert reg.get_sample_value(n_plus_one, {**labels, "relationship": "User.addresses"}) is None
+    advice = {"engine": "db", "table": "t", "columns": "a", "proven": "false"}
+    assert reg.get_sample_value("sqlprobe_index_advice_info", advice) == 1
+    proven = {**advice, "columns": "c", "proven": "true"}
+    assert reg.get_sample_value("sqlprobe_index_advice_info", proven) == 1
+    beyond = {**advice, "columns": "b", "proven": "true"}
+    assert reg.get_sample_value("sqlprobe_index_advice_info", beyond) is None
+
+
+def test_multiprocess_pool_series_are_written_through() -> None:
+    """In multiprocess mode the pool histograms, counters and gauges are written per event."""
+    from sqlprobe._sinks._multiprocess import MultiprocessExporter
+
+    exporter = MultiprocessExporter()
+    series = exporter.engine_series("db", MP_BOUNDS, 10)
+    state = [(2, 1, 5)]
+    series.add_pool(lambda: state[0], True)
+    series.checkout(0.002)
+    series.connected(0.003)
+    series.connect_failed("OperationalError")
+    series.timeout()
+    series.invalidated()
+    series.transaction("commit", 0.05)
+    series.transaction("rollback", 0.5)
+    series.idle(0.005)
+    series.unit("GET /a", 3, 0.01, 0.002, 1)
+    series.unit("GET /b", 1, 0.001, 0.0, 1)
+    reg = _mp_registry(series)
+
+    def value(name: str, **labels: str) -> float | None:
+        return reg.get_sample_value(name, {"engine": "db", **labels})
+
+    assert value("sqlprobe_pool_checkout_wait_seconds_bucket", le="0.001") == 0
+    assert value("sqlprobe_pool_checkout_wait_seconds_bucket", le="0.01") == 1
+    assert value("sqlprobe_pool_checkout_wait_seconds_sum") == 0.002
+    assert value("sqlprobe_pool_connect_seconds_sum") == 0.003
+    assert value("sqlprobe_pool_connects_total") == 1
+    assert value("sqlprobe_pool_connect_errors_total", error="OperationalError") == 1
+    assert value("sqlprobe_pool_checkout_timeouts_total") == 1
+    assert value("sqlprobe_pool_invalidations_total") == 1
+    assert value("sqlprobe_transaction_duration_seconds_bucket", outcome="commit", le="0.1") == 1
+    assert value("sqlprobe_transaction_duration_seconds_bucket", outcome="rollback", le="0.1") == 0
+    assert value("sqlprobe_transaction_duration_seconds_count", outcome="rollback") == 1
+    assert value("sqlprobe_pool_connection_idle_seconds_sum") == 0.005
+    assert value("sqlprobe_scope_statements_sum", route="GET /a") == 3
+    assert value("sqlprobe_scope_statements_bucket", route="GET /a", le="2.0") == 0
+    assert value("sqlprobe_scope_statements_bucket", route="GET /a", le="3.0") == 1
+    assert value("sqlprobe_scope_db_seconds_sum", route="GET /a") == 0.01
+    assert value("sqlprobe_scope_pool_wait_seconds_sum", route="GET /a") == 0.002
+    assert value("sqlprobe_scope_statements_sum", route="_other") == 1
+    assert value("sqlprobe_scope_db_seconds_sum", route="_other") == 0.001
+    assert value("sqlprobe_scope_statements_count", route="GET /b") is None
+    # Gauges: what the pool reports, the last checkout's view.
+    assert value("sqlprobe_pool_connections", state="idle") == 2
+    assert value("sqlprobe_pool_connections", state="used") == 1
+    assert value("sqlprobe_pool_max_connections") == 5
+    assert value("sqlprobe_pool_peak_connections") == 1
+
+
+def test_multiprocess_checkin_counts_the_returned_connection_as_idle() -> None:
+    """A check-in's gauges show the connection back in the pool, or closed by a NullPool."""
+    from sqlprobe._sinks._multiprocess import MultiprocessExporter
+
+    exporter = MultiprocessExporter()
+    series = exporter.engine_series("db", MP_BOUNDS, 10)
+    state = [(3, 0, 5)]
+    series.add_pool(lambda: state[0], True)
+    labels = {"engine": "db"}
+    assert _mp_registry(series).get_sample_value("sqlprobe_pool_peak_connections", labels) == 0
+    state[0] = (2, 1, 5)  # checked out, and now being checked in
+    series.checkin(0.02)
+    reg = _mp_registry(series)
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}) == 3
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "used"}) == 0
+    assert reg.get_sample_value("sqlprobe_pool_peak_connections", labels) == 1
+    assert reg.get_sample_value("sqlprobe_pool_connection_use_seconds_sum", labels) == 0.02
+    series.returned(0.03, 0.004)
+    reg = _mp_registry(series)
+    assert reg.get_sample_value("sqlprobe_pool_connection_use_seconds_count", labels) == 2
+    assert reg.get_sample_value("sqlprobe_pool_connection_use_seconds_sum", labels) == 0.05
+    assert reg.get_sample_value("sqlprobe_pool_connection_idle_seconds_sum", labels) == 0.004
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}) == 3
+    state[0] = (3, 0, 5)  # a pool that already counts the connection as returned
+    series.checkin(0.01)
+    reg = _mp_registry(series)
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}) == 3
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "used"}) == 0
+
+    nullpool = MultiprocessExporter().engine_series("null", MP_BOUNDS, 10)
+    nullpool.add_pool(lambda: (0, 1, None), False)
+    nullpool.checkin(0.02)
+    reg = _mp_registry(nullpool)
+    labels = {"engine": "null"}
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}) == 0
+    assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "used"}) == 0
+    assert reg.get_sample_value("sqlprobe_pool_max_connections", labels) == 0
+
+
+def test_multiprocess_peak_covers_the_current_and_the_previous_minute() -> None:
+    """The peak gauge is the most in use in this minute or the previous one, then forgets."""
+    from sqlprobe._sinks._multiprocess import MultiprocessExporter
+
+    exporter = MultiprocessExporter()
+    series = exporter.engine_series("db", MP_BOUNDS, 10)
+    state = [(0, 3, 5)]
+    series.add_pool(lambda: state[0], True)
+    labels = {"engine": "db"}
+
+    def peak() -> float | None:
+        return _mp_registry(series).get_sample_value("sqlprobe_pool_peak_connections", labels)
+
+    assert peak() == 3
+    state[0] = (2, 1, 5)
+    series.checkout(0.001)
+    assert peak() == 3  # same window
+    series._peak_window[0] -= 60.5  # a minute later: the previous minute still counts
+    series.checkout(0.001)
+    assert peak() == 3
+    assert series._peak_window[1:] == [1, 3]
+    state[0] = (0, 4, 5)
+    series.checkout(0.001)
+    assert peak() == 4
+    series._peak_window[0] -= 120.5  # two minutes with no event: both are forgotten
+    state[0] = (2, 1, 5)
+    series.checkout(0.001)
+    assert peak() == 1
+    assert series._peak_window[1:] == [1, 0]
+    series._peak_window[0] -= 60.5  # a minute in which nothing was in use
+    state[0] = (3, 0, 5)
+    series.invalidated()
+    assert series._peak_window[1:] == [0, 1]
+
+
+def _exported(name: str = "db", max_fingerprints: int = 10) -> tuple[Any, Any, CollectorRegistry]:
+    """A single-process exporter on a fresh registry, and the series of engine ``name``."""
+    from sqlprobe._sinks._prometheus import PrometheusExporter
+
+    exporter = PrometheusExporter()
+    registry = CollectorRegistry()
+    registry.register(exporter)
+    return exporter, exporter.engine_series(name, MP_BOUNDS, max_fingerprints), registry
+
+
+def test_pool_gauges_add_up_the_live_pools_of_a_name() -> None:
+    """Idle, used and max sum over live pools; an unbounded or no live pool drops the max."""
+    _exporter, series, registry = _exported()
+    labels = {"engine": "db"}
+
+    def gauges() -> tuple[float | None, float | None, float | None]:
+        return (
+            registry.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "idle"}),
+            registry.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "used"}),
+            registry.get_sample_value("sqlprobe_pool_max_connections", labels),
+        )
+
+    assert gauges() == (0, 0, None)
+    first, second, gone = (lambda: (2, 1, 5)), (lambda: (1, 2, 3)), (lambda: None)
+    series.add_pool(first, True)
+    series.add_pool(gone, True)
+    assert gauges() == (2, 1, 5)
+    series.add_pool(second, True)
+    assert gauges() == (3, 3, 8)
+    assert series.pool_snapshot() == (3, 3, 8, 2)
+
+    def unbounded() -> tuple[int, int, None]:
+        return (0, 4, None)
+
+    series.add_pool(unbounded, False)
+    assert gauges() == (3, 7, None)
+    series.remove_pool(unbounded)
+    series.remove_pool(first)
+    assert gauges() == (1, 2, 3)
+    assert series.pool_snapshot() == (1, 2, 3, 1)
+
+
+def test_peak_gauge_sums_each_pool_peak_taken_at_the_scrape() -> None:
+    """The peak is the sum of each pool's peak read at the scrape; no pool, no sample."""
+    _exporter, series, registry = _exported()
+    labels = {"engine": "db"}
+    assert registry.get_sample_value("sqlprobe_pool_peak_connections", labels) is None
+    first, second = (lambda: 2), (lambda: 3)
+    series.add_peak(first)
+    series.add_peak(second)
+    assert registry.get_sample_value("sqlprobe_pool_peak_connections", labels) == 5
+    series.remove_peak(second)
+    assert registry.get_sample_value("sqlprobe_pool_peak_connections", labels) == 2
+
+
+def test_pool_counters_and_histograms_are_exact() -> None:
+    """Every pool event lands in its own series with its exact value."""
+    _exporter, series, registry = _exported()
+    for _ in range(2):  # twice each: a count or sum that is set instead of added shows
+        series.checkout(0.002)
+        series.checkin(0.02)
+        series.connected(0.003)
+        series.connect_failed("OperationalError")
+        series.timeout()
+        series.invalidated()
+        series.transaction("commit", 0.05)
+        series.idle(0.005)
+        series.returned(0.03, 0.0004)
+    series.connected(0.0005)
+    series.transaction("rollback", 0.5)
+    series.unit("GET /a", 3, 0.01, 0.002, 1)
+    series.unit("GET /a", 2, 0.02, 0.0, 1)
+    series.unit("GET /b", 1, 0.001, 0.0, 1)
+    series.unit("GET /c", 4, 0.002, 0.0, 1)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"engine": "db", **labels})
+
+    assert value("sqlprobe_pool_checkout_wait_seconds_bucket", le="0.001") == 0
+    assert value("sqlprobe_pool_checkout_wait_seconds_bucket", le="0.01") == 2
+    assert value("sqlprobe_pool_checkout_wait_seconds_sum") == 0.004
+    assert value("sqlprobe_pool_connection_use_seconds_count") == 4
+    assert value("sqlprobe_pool_connection_use_seconds_sum") == pytest.approx(0.1)
+    assert value("sqlprobe_pool_connection_use_seconds_bucket", le="0.01") == 0
+    assert value("sqlprobe_pool_connection_use_seconds_bucket", le="0.1") == 4
+    assert value("sqlprobe_pool_connection_idle_seconds_bucket", le="0.001") == 2
+    assert value("sqlprobe_pool_connection_idle_seconds_bucket", le="0.01") == 4
+    assert value("sqlprobe_pool_connection_idle_seconds_sum") == pytest.approx(0.0108)
+    assert value("sqlprobe_pool_connect_seconds_count") == 3
+    assert value("sqlprobe_pool_connect_seconds_bucket", le="0.001") == 1
+    assert value("sqlprobe_pool_connect_seconds_bucket", le="0.01") == 3
+    assert value("sqlprobe_pool_connects_total") == 3
+    assert value("sqlprobe_pool_connect_errors_total", error="OperationalError") == 2
+    assert value("sqlprobe_pool_checkout_timeouts_total") == 2
+    assert value("sqlprobe_pool_invalidations_total") == 2
+    assert value("sqlprobe_transaction_duration_seconds_bucket", outcome="commit", le="0.1") == 2
+    assert value("sqlprobe_transaction_duration_seconds_sum", outcome="commit") == 0.1
+    assert value("sqlprobe_transaction_duration_seconds_sum", outcome="rollback") == 0.5
+    assert value("sqlprobe_transaction_duration_seconds_bucket", outcome="rollback", le="0.1") == 0
+    assert value("sqlprobe_scope_statements_count", route="GET /a") == 2
+    assert value("sqlprobe_scope_statements_sum", route="GET /a") == 5
+    assert value("sqlprobe_scope_statements_bucket", route="GET /a", le="2.0") == 1
+    assert value("sqlprobe_scope_db_seconds_sum", route="GET /a") == pytest.approx(0.03)
+    assert value("sqlprobe_scope_pool_wait_seconds_sum", route="GET /a") == 0.002
+    assert value("sqlprobe_scope_statements_count", route="_other") == 2
+    assert value("sqlprobe_scope_statements_sum", route="_other") == 5
+    assert value("sqlprobe_scope_statements_count", route="GET /b") is None
+
+
+def test_statement_series_and_their_bounds_are_exact() -> None:
+    """Calls, seconds, rows, slow, errors, N+1 and advice per engine, within their bounds."""
+    from sqlprobe._sinks._prometheus import MAX_ERROR_CLASSES, MAX_N_PLUS_ONE_SERIES
+
+    exporter, series, registry = _exported(max_fingerprints=2)
+    select, update = analyze("SELECT a FROM t WHERE id = 1"), analyze("UPDATE t SET a = 1")
+    first = series.prepare(select)
+    assert series.prepare(select) is first
+    series.observe(first, 0.005, 3, None)
+    series.observe(first, 0.05, -1, None)
+    series.observe(first, 0.0002, 1, None)
+    series.observe_slow(first)
+    series.observe_slow(first)
+    second = series.prepare(update)
+    series.observe(second, 0.0005, 2, None)
+    deleted = series.prepare(analyze("DELETE FROM t WHERE id = 2"))
+    inserted = series.prepare(analyze("INSERT INTO t (a) VALUES (1)"))
+    series.observe(deleted, 2.0, 4, None)
+    series.observe(inserted, 0.5, 1, None)
+    series.observe(inserted, 0.25, 1, None)
+    created = series.prepare(analyze("CREATE TABLE x (a INT)"))
+    series.observe(created, 0.001, -1, None)
+    series.statement_failed("COMMIT", "OperationalError")  # the first error class
+    for n in range(MAX_ERROR_CLASSES - 1):
+        series.observe_error(second, f"Error{n}")
+    series.observe_error(second, "OneTooMany")
+    series.observe_error(second, "Error0")
+    series.detected(select.fingerprint, "User.orders")
+    series.detected("0123456789abcdef", "User.items")
+    for n in range(MAX_N_PLUS_ONE_SERIES - 2):
+        series.detected(select.fingerprint, f"Rel.r{n}")
+    series.detected(select.fingerprint, "User.addresses")
+    series.detected(select.fingerprint, "User.addresses")
+    series.advised("t", "a", True)
+    series.advised("t", "a", True)
+    series.advised("u", "b", False)
+    series.advised("v", "c", True)  # beyond max_fingerprints (2)
+    exporter.internal_error("otel")
+    exporter.internal_error("otel")
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"engine": "db", **labels})
+
+    fp, fp2 = select.fingerprint, update.fingerprint
+    assert value("sqlprobe_statement_calls_total", fingerprint=fp) == 3
+    assert value("sqlprobe_statement_seconds_total", fingerprint=fp) == pytest.approx(0.0552)
+    assert value("sqlprobe_statement_rows_total", fingerprint=fp) == 4
+    assert value("sqlprobe_statement_rows_total", fingerprint=fp2) == 2
+    assert value("sqlprobe_statement_calls_total", fingerprint="_other") == 4
+    assert value("sqlprobe_statement_seconds_total", fingerprint="_other") == 2.751
+    assert value("sqlprobe_statement_rows_total", fingerprint="_other") == 6
+    other_info = {"fingerprint": "_other", "operation": "OTHER", "table": ""}
+    other_info["statement"] = "(shapes beyond max_fingerprints)"
+    assert value("sqlprobe_statement_info", **other_info) == 1
+    info = {"fingerprint": fp, "operation": "SELECT", "table": "t", "statement": select.normalized}
+    assert value("sqlprobe_statement_info", **info) == 1
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="0.001") == 1
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="0.1") == 3
+    assert value("sqlprobe_query_duration_seconds_bucket", operation="SELECT", le="+Inf") == 3
+    assert value("sqlprobe_query_duration_seconds_count", operation="INSERT") == 2
+    assert value("sqlprobe_query_duration_seconds_sum", operation="INSERT") == 0.75
+    # A preset operation without statements is exported at 0; another one is not.
+    assert value("sqlprobe_query_duration_seconds_count", operation="UPDATE") == 1
+    assert value("sqlprobe_query_duration_seconds_count", operation="COMMIT") is None
+    assert value("sqlprobe_query_duration_seconds_count", operation="CREATE") == 1
+    quiet = exporter.engine_series("quiet", MP_BOUNDS, 2)
+    quiet.op("CREATE")
+    for operation in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+        labels = {"engine": "quiet", "operation": operation}
+        assert registry.get_sample_value("sqlprobe_query_duration_seconds_count", labels) == 0
+    create_op = {"engine": "quiet", "operation": "CREATE"}
+    assert registry.get_sample_value("sqlprobe_query_duration_seconds_count", create_op) is None
+    assert value("sqlprobe_slow_queries_total", operation="COMMIT") == 0
+    assert value("sqlprobe_slow_queries_total", operation="SELECT") == 2
+    assert value("sqlprobe_slow_queries_total", operation="DELETE") == 0
+    assert value("sqlprobe_query_errors_total", operation="COMMIT", error="OperationalError") == 1
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="Error0") == 2
+    last = f"Error{MAX_ERROR_CLASSES - 2}"
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error=last) == 1
+    assert value("sqlprobe_query_errors_total", operation="UPDATE", error="_other") == 1
+    assert value("sqlprobe_n_plus_one_total", fingerprint=fp, relationship="User.orders") == 1
+    assert value("sqlprobe_n_plus_one_total", fingerprint="_other", relationship="User.items") == 1
+    assert value("sqlprobe_n_plus_one_total", fingerprint="_other", relationship="") == 2
+    advice = {"table": "t", "columns": "a", "proven": "true"}
+    assert value("sqlprobe_index_advice_info", **advice) == 1
+    assert value("sqlprobe_index_advice_info", table="u", columns="b", proven="false") == 1
+    assert value("sqlprobe_index_advice_info", table="v", columns="c", proven="true") is None
+    assert registry.get_sample_value("sqlprobe_internal_errors_total", {"stage": "otel"}) == 2
+
+
+def test_released_names_keep_their_totals_within_the_bound() -> None:
+    """A released engine name keeps its totals until MAX_RETAINED_ENGINES newer ones go."""
+    from sqlprobe._sinks._prometheus import MAX_RETAINED_ENGINES
+
+    exporter, series, registry = _exported("first")
+    series.timeout()
+    again = exporter.engine_series("first", MP_BOUNDS, 10)
+    assert again is series
+    exporter.release(series)  # one reference left
+    assert "first" not in exporter.retained
+    exporter.release(series)
+    assert list(exporter.retained) == ["first"]
+    exporter.release(series)  # a release too many changes nothing
+    assert exporter.engine_series("first", MP_BOUNDS, 10) is series  # continues its totals
+    assert not exporter.retained
+    exporter.release(series)
+    message = (
+        "engine name 'first' is already attached on this registry with other buckets; "
+        "give this engine another name= or the same buckets"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        exporter.engine_series("first", (0.5,), 10)
+    for n in range(MAX_RETAINED_ENGINES - 1):
+        exporter.release(exporter.engine_series(f"e{n}", MP_BOUNDS, 10))
+    timeouts = "sqlprobe_pool_checkout_timeouts_total"
+    assert registry.get_sample_value(timeouts, {"engine": "first"}) == 1
+    exporter.release(exporter.engine_series("one-more", MP_BOUNDS, 10))
+    assert registry.get_sample_value(timeouts, {"engine": "first"}) is None
+    assert registry.get_sample_value(timeouts, {"engine": "e0"}) == 0
+    assert len(exporter.retained) == MAX_RETAINED_ENGINES
+
+
+class _SpanContext:
+    def __init__(self, trace_id: int, span_id: int) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+
+
+def test_exemplars_name_the_trace_in_hex_and_each_bucket_keeps_its_own() -> None:
+    """An exemplar has 32/16 lowercase hex ids, the value and its time, one per bucket."""
+    _exporter, series, registry = _exported()
+    stats = series.prepare(analyze("SELECT 1"))
+    before = time.time()
+    series.observe(stats, 0.005, -1, _SpanContext(0xABCDEF, 0xFEDCBA))
+    series.observe(stats, 0.05, -1, _SpanContext(0x1F, 0x2E))
+    after = time.time()
+    (family,) = [m for m in registry.collect() if m.name == "sqlprobe_query_duration_seconds"]
+    buckets = {
+        s.labels["le"]: s.exemplar
+        for s in family.samples
+        if s.name.endswith("_bucket") and s.labels["operation"] == "SELECT"
+    }
+    exemplar = buckets["0.01"]
+    assert exemplar is not None
+    assert exemplar.labels == {
+        "trace_id": "00000000000000000000000000abcdef",
+        "span_id": "0000000000fedcba",
+    }
+    assert exemplar.value == 0.005
+    assert exemplar.timestamp is not None and before <= exemplar.timestamp <= after
+    assert buckets["0.1"] is not None and buckets["0.1"].labels["span_id"] == "000000000000002e"
+    assert buckets["0.001"] is None
+
+
+def test_statements_report_the_shapes_beyond_the_limit_as_other(
+    sqlite_engine: Any, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """Probe.statements() lists the overflow under _other with its placeholder text."""
+    with sqlite_engine.connect():
+        pass  # the dialect's first-connect queries run before the probe
+    probe = sqlprobe.attach(sqlite_engine, registry=registry, max_fingerprints=1)
+    with sqlite_engine.connect() as conn:
+        conn.execute(text("SELECT 1")).all()
+        conn.execute(text("SELECT 2 + 2 AS x")).all()
+        conn.execute(text("SELECT 3 * 3 AS y")).all()
+    other = [s for s in probe.statements() if s.fingerprint == "_other"]
+    assert [(s.statement, s.operation, s.calls) for s in other] == [
+        ("(shapes beyond max_fingerprints)", "OTHER", 2)
+    ]
+
+
+class _RacingLock:
+    """The series lock, taken by another thread's prepare/op of the same key first."""
+
+    def __init__(self, series: Any, first: Any) -> None:
+        self.series = series
+        self.real = series.lock
+        self.first = first
+        self.won: list[Any] = []
+
+    def __enter__(self) -> None:
+        if not self.won:
+            self.series.lock = self.real
+            self.won.append(self.first())
+        self.real.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.release()
+
+
+def test_a_shape_made_by_another_thread_meanwhile_is_reused() -> None:
+    """A shape or operation created between the unlocked lookup and the lock is not replaced."""
+    _exporter, series, _registry = _exported()
+    shape = analyze("SELECT a FROM t WHERE id = 1")
+    race = _RacingLock(series, lambda: series.prepare(shape))
+    series.lock = race
+    stats = series.prepare(shape)
+    assert stats is race.won[0] is series.shapes[shape.fingerprint]
+    race = _RacingLock(series, lambda: series.op("VACUUM"))
+    series.lock = race
+    op = series.op("VACUUM")
+    assert op is race.won[0] is series.ops["VACUUM"]
+
+
+def test_multiprocess_mode_follows_the_value_class_and_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Multiprocess mode is on when the variable is set and prometheus_client writes files."""
+    from prometheus_client import values
+
+    from sqlprobe._sinks._multiprocess import multiprocess_active
+
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.delenv("prometheus_multiproc_dir", raising=False)
+    assert multiprocess_active() is False
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert multiprocess_active() is True
+
+
+def test_each_scrape_runs_the_deferred_clean_ups_first() -> None:
+    """The exporter calls before_collect once at the start of every scrape."""
+    from sqlprobe._sinks._prometheus import PrometheusExporter
+
+    calls: list[int] = []
+    exporter = PrometheusExporter(lambda: calls.append(len(exporter.engines)))
+    registry = CollectorRegistry()
+    registry.register(exporter)
+    exporter.engine_series("db", MP_BOUNDS, 10)
+    list(registry.collect())
+    list(registry.collect())
+    assert calls == [1, 1]
