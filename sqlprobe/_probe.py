@@ -348,6 +348,7 @@ class Probe:
                 error_name=error_name,
                 slow_query_threshold=options.slow_query_threshold,
                 trace=otel.trace,
+                trace_gate=otel.gate,
                 unit=unit,
                 slow_sinks=slow_sinks,
             )

@@ -26,7 +26,7 @@ from structlog.testing import LogCapture
 import sqlprobe
 from sqlprobe._core._collector import StatementRecord
 
-from .conftest import make_logger, sample
+from .conftest import make_logger, sample, total
 
 pytestmark = pytest.mark.smoke
 
@@ -549,3 +549,27 @@ def test_global_provider_configured_after_attach() -> None:
         [sys.executable, "-c", LATE_GLOBAL], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "['SELECT', 'SELECT', 'request']"
+
+
+def test_ambient_step_is_called_only_when_a_look_is_due(
+    sqlite_engine: Engine, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an SDK, statements between two looks at the active span call no trace step."""
+    from sqlprobe._sinks import _otel
+
+    calls: list[float] = []
+    original = _otel._Tracing._ambient
+
+    def counting(self: Any, shape: Any, start: float, *args: Any) -> Any:
+        calls.append(start)
+        return original(self, shape, start, *args)
+
+    monkeypatch.setattr(_otel._Tracing, "_ambient", counting)
+    monkeypatch.setattr(_otel, "AMBIENT_INTERVAL", 3600.0)
+    probe = sqlprobe.attach(sqlite_engine, registry=registry, tracer_provider=NoOpTracerProvider())
+    with sqlite_engine.connect() as conn:
+        for _ in range(50):
+            conn.execute(text("SELECT 1"))
+    probe.detach()
+    assert len(calls) == 1
+    assert total(registry, "sqlprobe_statement_calls_total", engine=probe.name) >= 50

@@ -6,7 +6,10 @@ statement text to its shape through a bounded cache and fans the measurement out
 this order, to what was wired at attach:
 
 1. the **trace step** (spans, exemplar lookup, OTel metrics), which returns the span
-   context to link to the statement, or None;
+   context to link to the statement, or None; it is called only for statements that
+   start at or after its *gate* (``trace_gate[0]``, which the step moves: in ambient
+   mode it looks at the active span once per interval, so the statements between
+   cost it no call);
 2. the **metrics sink** (Prometheus), through a handle it prepared once per shape, so
    a statement costs it one locked update and no lookup;
 3. the **unit step** (N+1 counting), with the shape, the text, the execution context
@@ -105,6 +108,7 @@ class Collector:
         trace: TraceStep | None = None,
         unit: UnitStep | None = None,
         slow_sinks: tuple[RecordSink, ...] = (),
+        trace_gate: list[float] | None = None,
     ) -> None:
         self.engine_name = engine_name
         self.metrics = metrics
@@ -112,6 +116,9 @@ class Collector:
         self.error_name = error_name
         self.threshold = slow_query_threshold
         self.trace = trace
+        #: ``trace`` runs for a statement that starts at or after ``trace_gate[0]``
+        #: (the trace step moves it; None: for every statement)
+        self.trace_gate = trace_gate if trace_gate is not None else [float("-inf")]
         self.unit = unit
         self.slow_sinks = slow_sinks
         #: Sinks that read every statement (test captures); swapped whole, never locked.
@@ -141,6 +148,7 @@ class Collector:
         metrics = self.metrics
         record_stats = metrics.observe
         trace = self.trace
+        gate = self.trace_gate
         unit = self.unit
         threshold = self.threshold
         contain = self.contain
@@ -171,7 +179,7 @@ class Collector:
                     elif getattr(context, "_rowcount", 0) is None:
                         context._rowcount = rows
                 span = None
-                if trace is not None:
+                if trace is not None and start >= gate[0]:
                     span = trace(shape, start, elapsed, batch_size, context, None)
                 record_stats(entry[1], elapsed, rows, span)
                 if unit is not None:

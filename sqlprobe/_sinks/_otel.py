@@ -97,6 +97,7 @@ QUERY_TEXT_MAX = 4096
 #: Without an SDK tracer provider, the active span is looked up (for exemplars) at most
 #: this often per engine, in seconds.
 AMBIENT_INTERVAL = 0.01
+_ALWAYS = float("-inf")
 #: Instrumentation scope of our spans and metrics.
 SCOPE_NAME = "sqlprobe"
 #: The semantic-convention schema of the names emitted (stable database conventions).
@@ -113,6 +114,9 @@ class OtelParts:
     pool: Any
     #: Stops the OTel metrics' callbacks (detach).
     close: Callable[[], None]
+    #: When the trace step is worth calling: ``start >= gate[0]`` (see
+    #: :attr:`_Tracing.gate`); None: for every statement.
+    gate: list[float] | None = None
 
 
 def build(
@@ -132,9 +136,12 @@ def build(
     except ImportError:
         trace_api = None  # type: ignore[assignment]
     trace_fn = None
+    gate = None
     if trace_api is not None:
         provider = tracer_provider or trace_api.get_tracer_provider()
-        trace_fn = _Tracing(ctx, provider).trace
+        tracing = _Tracing(ctx, provider)
+        trace_fn = tracing.trace
+        gate = tracing.gate
     pool = None
     close: Callable[[], None] = _nothing
     if meter_provider is not None:
@@ -142,7 +149,8 @@ def build(
         trace_fn = metrics.wrap(trace_fn)
         pool = metrics.pool
         close = metrics.close
-    return OtelParts(trace_fn, pool, close)
+        gate = None  # the OTel metrics record every statement
+    return OtelParts(trace_fn, pool, close, gate)
 
 
 def _nothing() -> None:
@@ -216,11 +224,17 @@ class _Tracing:
         self._next_look = 0.0
         self._tracer: Any = None
         self._emit: Emit | None = None
+        #: The collector calls :attr:`trace` only for statements that start at or after
+        #: ``gate[0]``: always (minus infinity) when spans are made or the official
+        #: instrumentation's span is on the statements; in ambient mode otherwise, only
+        #: when the next look at the active span is due (a call per statement saved).
+        self.gate = [_ALWAYS]
         if _is_sdk_provider(provider):
             self._set_tracer(provider)
         else:
             self._proxy = type(provider).__name__ == "ProxyTracerProvider"
             self.trace = self._ambient  # type: ignore[method-assign]
+            self.gate[0] = 0.0
 
     # -- attach-time ------------------------------------------------------------------
 
@@ -230,6 +244,7 @@ class _Tracing:
         self._tracer = provider.get_tracer(SCOPE_NAME, version, schema_url=SCHEMA_URL)
         self._emit = direct_emitter(self._tracer, QUERY_TEXT_MAX)
         self.trace = self._spans  # type: ignore[method-assign]
+        self.gate[0] = _ALWAYS
 
     def shape_attributes(self, shape: Shape) -> tuple[str, dict[str, Any]]:
         """Span name and attributes of a statement's shape (cached per fingerprint)."""
@@ -348,6 +363,9 @@ class _Tracing:
         try:
             theirs = getattr(context, "_otel_span", None)
             if theirs is not None:
+                # The official instrumentation runs on this engine: enrich its span of
+                # every statement from now on (the gate stays open).
+                self.gate[0] = _ALWAYS
                 return self._enrich(theirs, shape)
             # Looking up the active span costs about a microsecond, more than the rest
             # of the metrics path; here it only feeds exemplars (one per bucket is
@@ -355,6 +373,8 @@ class _Tracing:
             if start < self._next_look:
                 return None
             self._next_look = start + AMBIENT_INTERVAL
+            if self.gate[0] != _ALWAYS:
+                self.gate[0] = self._next_look
             ctx = self._current_span().get_span_context()
             if not ctx.trace_flags.sampled:
                 return None
