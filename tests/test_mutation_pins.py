@@ -301,7 +301,8 @@ def test_multiprocess_checkin_counts_the_returned_connection_as_idle() -> None:
     assert reg.get_sample_value("sqlprobe_pool_connections", {**labels, "state": "used"}) == 0
     assert reg.get_sample_value("sqlprobe_pool_peak_connections", labels) == 1
     assert reg.get_sample_value("sqlprobe_pool_connection_use_seconds_sum", labels) == 0.02
-    series.returned(0.03, 0.004)
+    series.checkin(0.03)  # a check-in as the hooks report it: use, then idle
+    series.idle(0.004)
     reg = _mp_registry(series)
     assert reg.get_sample_value("sqlprobe_pool_connection_use_seconds_count", labels) == 2
     assert reg.get_sample_value("sqlprobe_pool_connection_use_seconds_sum", labels) == 0.05
@@ -425,7 +426,8 @@ def test_pool_counters_and_histograms_are_exact() -> None:
         series.invalidated()
         series.transaction("commit", 0.05)
         series.idle(0.005)
-        series.returned(0.03, 0.0004)
+        series.checkin(0.03)
+        series.idle(0.0004)
     series.connected(0.0005)
     series.transaction("rollback", 0.5)
     series.unit("GET /a", 3, 0.01, 0.002, 1)

@@ -236,12 +236,6 @@ class MultiprocessSeries(EngineSeries):
         super().idle(seconds)
         self.mp_idle_hist.observe(seconds)
 
-    def returned(self, use: float, idle: float) -> None:
-        super().returned(use, idle)
-        self.mp_use.observe(use)
-        self.mp_idle_hist.observe(idle)
-        self._gauges(returning=True)
-
     def unit(self, route: str, statements: int, seconds: float, wait: float, limit: int) -> None:
         super().unit(route, statements, seconds, wait, limit)
         with self.lock:

@@ -448,21 +448,6 @@ class EngineSeries:
             hist.counts[i] += 1
             hist.total += seconds
 
-    def returned(self, use: float, idle: float) -> None:
-        """:meth:`checkin` and :meth:`idle` of one check-in under one lock acquisition."""
-        use_hist = self.use
-        idle_hist = self.idle_hist
-        i = bisect_left(use_hist.bounds, use)
-        j = bisect_left(idle_hist.bounds, idle)
-        self._acquire()
-        try:
-            use_hist.counts[i] += 1
-            use_hist.total += use
-            idle_hist.counts[j] += 1
-            idle_hist.total += idle
-        finally:
-            self._release()
-
     def _unit_hists(self, route: str, limit: int) -> tuple[Histogram, Histogram, Histogram]:
         """The histograms of a route, or of ``_other`` beyond ``limit`` routes (lock held)."""
         hists = self.units.get(route)
