@@ -701,3 +701,691 @@ def test_each_scrape_runs_the_deferred_clean_ups_first() -> None:
     list(registry.collect())
     list(registry.collect())
     assert calls == [1, 1]
+
+
+# --------------------------------------------------------------------------- pool hooks
+# The pool hooks hand values to the Prometheus series through its pending lists; with
+# another sink beside it (OTel pool metrics) each value is handed over in a call of its
+# own. Both paths are pinned, and every failure of a sink is contained as stage "pool".
+
+
+class _Raising:
+    """A pool sink, hold sink and hold monitor whose every method raises."""
+
+    hold_threshold = 0.0
+    idle_in_transaction_threshold = 0.0
+    wait_threshold = float("inf")
+
+    def _fail(self, *args: Any) -> None:
+        raise RuntimeError("sink bug")
+
+    checkout = checkin = connected = connect_failed = timeout = invalidated = _fail
+    transaction = statement_failed = idle = unit = checked_in = exhausted = _fail
+
+
+def test_every_pool_sink_failure_is_contained_as_stage_pool(tmp_path: Path) -> None:
+    """A sink that raises in each pool hook is contained, always as stage "pool"."""
+    from sqlalchemy.pool import QueuePool
+
+    from sqlprobe._hooks._pool import PoolHooks
+
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'contain.db'}",
+        poolclass=QueuePool,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.01,
+    )
+    stages: list[Any] = []
+    hooks = PoolHooks(engine, contain=stages.append, error_name=lambda exc: type(exc).__name__)
+    raising = _Raising()
+    undo = hooks.install(raising, raising, raising)
+    try:
+        with sqlprobe.scope("contained"), engine.connect() as conn:  # connected, checkout
+            conn.execute(text("CREATE TABLE p (id INTEGER PRIMARY KEY)"))
+            conn.execute(text("PRAGMA foreign_keys = ON"))
+            conn.commit()  # transaction("commit")
+            conn.execute(
+                text("CREATE TABLE c (p INTEGER REFERENCES p (id) DEFERRABLE INITIALLY DEFERRED)")
+            )
+            conn.commit()
+            conn.execute(text("SELECT 1"))
+            conn.rollback()  # transaction("rollback")
+            conn.execute(text("INSERT INTO c VALUES (7)"))
+            with pytest.raises(Exception, match="FOREIGN KEY"):
+                conn.commit()  # statement_failed, then transaction("rollback")
+            conn.rollback()
+            with pytest.raises(Exception, match="QueuePool limit"):
+                engine.connect()  # timeout
+            conn.connection.invalidate(soft=True)  # invalidated (soft)
+            # checkin; the scope's end: unit
+        with engine.connect() as conn:
+            conn.invalidate()  # invalidated
+        gone = create_engine(f"sqlite:///{tmp_path / 'no' / 'such.db'}")
+        gone_hooks = PoolHooks(gone, contain=stages.append, error_name=lambda exc: "E")
+        gone_undo = gone_hooks.install(raising, raising, raising)
+        with pytest.raises(Exception, match="unable to open"):
+            gone.connect()  # connect_failed
+        gone_undo()
+    finally:
+        undo()
+        engine.dispose()
+    assert len(stages) >= 10
+    assert set(stages) == {"pool"}
+
+
+def test_pool_values_handed_over_one_call_each_are_exact(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """With OTel pool metrics too, every wait, use, idle and transaction reaches the series."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from sqlalchemy.pool import QueuePool
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    engine = create_engine(f"sqlite:///{tmp_path / 'fanout.db'}", poolclass=QueuePool)
+    try:
+        sqlprobe.attach(engine, registry=registry, name="fan", meter_provider=provider)
+        for _ in range(2):
+            with engine.begin() as conn:
+                conn.execute(text("SELECT 1"))
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            time.sleep(0.02)
+            conn.rollback()
+
+        def value(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, {"engine": "fan", **labels})
+
+        assert value("sqlprobe_pool_checkout_wait_seconds_count") == 3
+        assert value("sqlprobe_pool_connection_use_seconds_count") == 3
+        assert value("sqlprobe_pool_connection_idle_seconds_count") == 3
+        assert value("sqlprobe_pool_connects_total") == 1
+        assert value("sqlprobe_pool_connect_seconds_count") == 1
+        txn = "sqlprobe_transaction_duration_seconds"
+        assert value(f"{txn}_count", outcome="commit") == 2
+        assert value(f"{txn}_count", outcome="rollback") == 1
+        use = value("sqlprobe_pool_connection_use_seconds_sum") or 0.0
+        idle = value("sqlprobe_pool_connection_idle_seconds_sum") or 0.0
+        assert 0.02 <= idle < use
+        assert 0.02 <= (value(f"{txn}_sum", outcome="rollback") or 0.0) < use
+        assert 0 < (value(f"{txn}_sum", outcome="commit") or 0.0) < use
+        assert 0 <= (value("sqlprobe_pool_connect_seconds_sum") or 0.0) < 0.5
+        with engine.connect() as conn:
+            conn.invalidate()
+        assert value("sqlprobe_pool_invalidations_total") == 1
+    finally:
+        engine.dispose()
+        provider.shutdown()
+
+
+def test_transaction_open_at_check_in_counts_as_a_rollback(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """A connection returned with its transaction still begun counts one rollback."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'open.db'}", poolclass=QueuePool, pool_reset_on_return=None
+    )
+    try:
+        sqlprobe.attach(engine, registry=registry, name="open")
+        raw = engine.raw_connection()
+        engine.dialect.do_begin(raw)  # SQLAlchemy began; nothing rolls it back
+        time.sleep(0.02)
+        raw.close()
+        labels = {"engine": "open", "outcome": "rollback"}
+        txn = "sqlprobe_transaction_duration_seconds"
+        assert registry.get_sample_value(f"{txn}_count", labels) == 1
+        assert 0.02 <= (registry.get_sample_value(f"{txn}_sum", labels) or 0.0) < 1.0
+        assert (
+            registry.get_sample_value(
+                "sqlprobe_pool_connection_use_seconds_count", {"engine": "open"}
+            )
+            == 1
+        )
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("size", "overflow", "limit"), [(2, 3, 5.0), (0, 10, None), (5, -1, None), (1, 0, 1.0)]
+)
+def test_queue_pool_max_is_size_plus_overflow_unless_unbounded(
+    tmp_path: Path,
+    registry: CollectorRegistry,
+    detach_new_probes: None,
+    size: int,
+    overflow: int,
+    limit: float | None,
+) -> None:
+    """A QueuePool's max is pool_size + max_overflow; pool_size 0 or max_overflow -1: none."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'max.db'}",
+        poolclass=QueuePool,
+        pool_size=size,
+        max_overflow=overflow,
+    )
+    try:
+        sqlprobe.attach(engine, registry=registry, name="max")
+        assert registry.get_sample_value("sqlprobe_pool_max_connections", {"engine": "max"}) == (
+            limit
+        )
+    finally:
+        engine.dispose()
+
+
+def test_only_a_null_pool_keeps_no_returned_connection(tmp_path: Path) -> None:
+    """A NullPool closes returned connections; every other pool keeps them."""
+    from sqlalchemy.pool import NullPool, QueuePool, StaticPool
+
+    from sqlprobe._hooks._pool import keeps_connections
+
+    url = f"sqlite:///{tmp_path / 'keeps.db'}"
+    kept = {
+        cls: keeps_connections(create_engine(url, poolclass=cls).pool)
+        for cls in (NullPool, QueuePool, StaticPool)
+    }
+    assert kept == {NullPool: False, QueuePool: True, StaticPool: True}
+
+
+def test_peak_starts_at_zero_and_keeps_the_most_out_since_attach(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """Before any checkout the peak is 0; pool_peak keeps the most out at once since attach."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'peak.db'}", poolclass=QueuePool)
+    try:
+        probe = sqlprobe.attach(engine, registry=registry, name="peak")
+        labels = {"engine": "peak"}
+        assert probe.pool_peak == 0
+        assert registry.get_sample_value("sqlprobe_pool_peak_connections", labels) == 0
+        first, second = engine.connect(), engine.connect()
+        assert probe.pool_peak == 2
+        first.close()
+        second.close()
+        assert probe.pool_peak == 2
+        assert registry.get_sample_value("sqlprobe_pool_peak_connections", labels) == 2
+        assert registry.get_sample_value("sqlprobe_pool_peak_connections", labels) == 0
+        assert probe.pool_peak == 2
+        with engine.connect():
+            assert probe.pool_peak == 2
+    finally:
+        engine.dispose()
+
+
+def test_unit_of_work_adds_every_checkout_also_one_still_out_at_its_end(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """A scope's totals add the checked-in and the still-out checkouts; it is then checked in."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'unit.db'}", poolclass=QueuePool)
+    slow = text(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :k) "
+        "SELECT count(*) FROM n"
+    )
+    try:
+        sqlprobe.attach(engine, registry=registry, name="unit")
+        with sqlprobe.scope("leaky"):
+            with engine.connect() as conn:
+                conn.execute(slow, {"k": 200_000})
+                conn.execute(text("SELECT 1"))
+            leaked = engine.connect()
+            leaked.execute(slow, {"k": 200_000})
+        leaked.close()
+
+        def value(name: str, **labels: str) -> float:
+            return registry.get_sample_value(name, {"engine": "unit", **labels}) or 0.0
+
+        assert value("sqlprobe_scope_statements_sum", route="leaky") == 3
+        queries = value("sqlprobe_query_duration_seconds_sum", operation="SELECT")
+        assert value("sqlprobe_scope_db_seconds_sum", route="leaky") >= queries * 0.99
+        waits = value("sqlprobe_pool_checkout_wait_seconds_sum")
+        assert value("sqlprobe_scope_pool_wait_seconds_sum", route="leaky") == pytest.approx(waits)
+        assert value("sqlprobe_pool_connection_use_seconds_count") == 2
+    finally:
+        engine.dispose()
+
+
+def test_scope_ending_after_detach_records_nothing(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """A unit of work that ends after its engine was detached adds no observation."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'late.db'}")
+    try:
+        probe = sqlprobe.attach(engine, registry=registry, name="late")
+        with sqlprobe.scope("late"):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            probe.detach()
+        labels = {"engine": "late", "route": "late"}
+        assert registry.get_sample_value("sqlprobe_scope_statements_count", labels) is None
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("otel", [False, True])
+def test_a_refused_commit_counts_as_a_failed_commit_statement(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None, otel: bool
+) -> None:
+    """A COMMIT the database refuses counts one COMMIT error with the driver's error class."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from sqlalchemy import event
+    from sqlalchemy.exc import IntegrityError
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'refused.db'}")
+
+    @event.listens_for(engine, "connect")
+    def _foreign_keys(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE p (id INTEGER PRIMARY KEY)"))
+            conn.execute(
+                text("CREATE TABLE c (p INTEGER REFERENCES p (id) DEFERRABLE INITIALLY DEFERRED)")
+            )
+        provider = MeterProvider() if otel else None
+        sqlprobe.attach(engine, registry=registry, name="refused", meter_provider=provider)
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text("INSERT INTO c VALUES (7)"))
+        errors = {
+            (s.labels["operation"], s.labels["error"]): s.value
+            for m in registry.collect()
+            if m.name == "sqlprobe_query_errors"
+            for s in m.samples
+            if s.name == "sqlprobe_query_errors_total"
+        }
+        assert errors == {("COMMIT", "IntegrityError"): 1}
+        labels = {"engine": "refused", "outcome": "rollback"}
+        txn = "sqlprobe_transaction_duration_seconds"
+        assert registry.get_sample_value(f"{txn}_count", labels) == 1
+        assert 0 < (registry.get_sample_value(f"{txn}_sum", labels) or 0.0) < 1.0
+    finally:
+        engine.dispose()
+
+
+def test_rollback_and_commit_time_is_statement_time_of_the_checkout(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """A slow COMMIT and ROLLBACK count in the unit's database time, not in idle time."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'slow.db'}", poolclass=QueuePool)
+    dialect = engine.dialect
+    commit, rollback = dialect.do_commit, dialect.do_rollback
+
+    def slow_commit(connection: Any) -> None:  # a driver whose COMMIT takes 50 ms
+        time.sleep(0.05)
+        commit(connection)
+
+    def slow_rollback(connection: Any) -> None:
+        time.sleep(0.05)
+        rollback(connection)
+
+    dialect.do_commit = slow_commit  # type: ignore[method-assign]
+    dialect.do_rollback = slow_rollback  # type: ignore[method-assign]
+    try:
+        sqlprobe.attach(engine, registry=registry, name="slow")
+        with sqlprobe.scope("slow"), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            conn.commit()
+            conn.execute(text("SELECT 1"))
+            conn.rollback()
+
+        def value(name: str, **labels: str) -> float:
+            return registry.get_sample_value(name, {"engine": "slow", **labels}) or 0.0
+
+        use = value("sqlprobe_pool_connection_use_seconds_sum")
+        idle = value("sqlprobe_pool_connection_idle_seconds_sum")
+        db = value("sqlprobe_scope_db_seconds_sum", route="slow")
+        assert 0.1 <= db <= use
+        assert idle == pytest.approx(use - db, abs=1e-6)
+    finally:
+        engine.dispose()
+
+
+class _PoolRecorder:
+    """A pool sink, hold sink and hold monitor that record every call."""
+
+    def __init__(self, hold: float, idle_in_transaction: float) -> None:
+        self.hold_threshold = hold
+        self.idle_in_transaction_threshold = idle_in_transaction
+        self.wait_threshold = float("inf")
+        self.calls: list[tuple[Any, ...]] = []
+        self.reported: list[tuple[Any, float, float, float]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args: self.calls.append((name, *args))
+
+    def checked_in(self, hold: Any, now: float, held: float, idle: float) -> None:
+        self.reported.append((hold, now, held, idle))
+
+
+def test_checkouts_over_a_threshold_are_reported_at_check_in(tmp_path: Path) -> None:
+    """Check-in reports a hold over hold_threshold or idle in a transaction over its own."""
+    from sqlalchemy.pool import QueuePool
+
+    from sqlprobe._core._hold import TXN_IDLE
+    from sqlprobe._hooks._pool import PoolHooks
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'report.db'}", poolclass=QueuePool)
+    stages: list[Any] = []
+    hooks = PoolHooks(engine, contain=stages.append, error_name=lambda exc: type(exc).__name__)
+    recorder = _PoolRecorder(hold=0.2, idle_in_transaction=0.05)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        start = time.perf_counter()
+        with engine.connect():  # held past hold_threshold: reported
+            time.sleep(0.22)
+        with engine.connect() as conn:  # quick: not reported
+            conn.execute(text("SELECT 1"))
+            conn.commit()
+        for end in ("commit", "rollback"):  # idle in a transaction: reported
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+                time.sleep(0.06)
+                getattr(conn, end)()
+        held = [r[2] for r in recorder.reported]
+        assert len(held) == 3, held
+        assert held[0] >= 0.22 and all(h < 0.2 for h in held[1:])
+        for hold, now, use, idle in recorder.reported:
+            assert isinstance(hold, list)
+            assert start < now <= time.perf_counter()
+            assert 0.0 <= idle <= use
+        assert recorder.reported[0][3] == recorder.reported[0][2]  # no statement: all idle
+        assert all(r[0][TXN_IDLE] >= 0.05 for r in recorder.reported[1:])
+        uses = [c[1] for c in recorder.calls if c[0] == "checkin"]
+        idles = [c[1] for c in recorder.calls if c[0] == "idle"]
+        assert len(uses) == len(idles) == 4
+        assert [r[2] for r in recorder.reported] == [uses[0], uses[2], uses[3]]
+        assert stages == []
+    finally:
+        undo()
+        engine.dispose()
+
+
+def test_a_detached_connection_leaves_no_hold_behind(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """After detach() the record's next checkout is measured afresh, and the peak is 1."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'detached.db'}", poolclass=QueuePool, pool_size=1, max_overflow=2
+    )
+    try:
+        probe = sqlprobe.attach(engine, registry=registry, name="detached")
+        conn = engine.connect()
+        time.sleep(0.1)
+        conn.detach()
+        conn.close()
+        labels = {"engine": "detached", "state": "idle"}
+        assert registry.get_sample_value("sqlprobe_pool_connections", labels) == 0
+        assert (
+            registry.get_sample_value("sqlprobe_pool_max_connections", {"engine": "detached"}) == 3
+        )
+        with engine.connect() as again:
+            again.execute(text("SELECT 1"))
+
+        def value(name: str) -> float | None:
+            return registry.get_sample_value(name, {"engine": "detached"})
+
+        assert value("sqlprobe_pool_connection_use_seconds_count") == 1
+        assert (value("sqlprobe_pool_connection_use_seconds_sum") or 1.0) < 0.1
+        assert probe.pool_peak == 1
+        assert value("sqlprobe_pool_max_connections") == 3
+        assert probe._pool is not None and probe._pool.holders() == []
+    finally:
+        engine.dispose()
+
+
+def test_an_invalidated_connection_leaves_an_empty_slot(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """An invalidated connection's slot counts neither idle nor used; the max stays."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'empty.db'}", poolclass=QueuePool, pool_size=2, max_overflow=1
+    )
+    try:
+        sqlprobe.attach(engine, registry=registry, name="empty")
+        conn = engine.connect()
+        conn.invalidate()
+        conn.close()
+        labels = {"engine": "empty"}
+        conns = "sqlprobe_pool_connections"
+        assert registry.get_sample_value(conns, {**labels, "state": "idle"}) == 0
+        assert registry.get_sample_value(conns, {**labels, "state": "used"}) == 0
+        assert registry.get_sample_value("sqlprobe_pool_max_connections", labels) == 3
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("poolclass", ["StaticPool", "SingletonThreadPool"])
+def test_a_connection_opened_before_attach_shows_once_checked_out(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None, poolclass: str
+) -> None:
+    """A pool that keeps no count of its own shows a warm connection once it is checked out."""
+    import sqlalchemy.pool
+
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'warm.db'}", poolclass=getattr(sqlalchemy.pool, poolclass)
+    )
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        sqlprobe.attach(engine, registry=registry, name="warm")
+        labels = {"engine": "warm"}
+        conns = "sqlprobe_pool_connections"
+        with engine.connect():
+            assert registry.get_sample_value(conns, {**labels, "state": "used"}) == 1
+        assert registry.get_sample_value(conns, {**labels, "state": "idle"}) == 1
+    finally:
+        engine.dispose()
+
+
+def test_no_checkout_listener_on_a_queue_pool(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """A QueuePool gets no checkout listener (it would slow every checkout); it keeps counts."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'nolistener.db'}", poolclass=QueuePool)
+    try:
+        sqlprobe.attach(engine, registry=registry, name="nolistener")
+        assert len(engine.pool.dispatch.checkout) == 0
+    finally:
+        engine.dispose()
+
+
+def test_connections_of_a_replaced_pool_no_longer_count(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """Two connections out count 2 used; after dispose() they no longer count, while out."""
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'replaced.db'}", poolclass=NullPool)
+    try:
+        sqlprobe.attach(engine, registry=registry, name="replaced")
+        labels = {"engine": "replaced", "state": "used"}
+        first, second = engine.connect(), engine.connect()
+        assert registry.get_sample_value("sqlprobe_pool_connections", labels) == 2
+        engine.dispose()
+        assert registry.get_sample_value("sqlprobe_pool_connections", labels) == 0
+        with engine.connect():
+            assert registry.get_sample_value("sqlprobe_pool_connections", labels) == 1
+        first.close()
+        second.close()
+    finally:
+        engine.dispose()
+
+
+def test_many_transactions_in_one_checkout_keep_the_pending_lists_bounded(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """Hundreds of commits and rollbacks on one checkout stay bounded and all count."""
+    from sqlalchemy.pool import QueuePool
+
+    from sqlprobe._hooks._pool import SETTLE_AT
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'many.db'}", poolclass=QueuePool)
+    try:
+        probe = sqlprobe.attach(engine, registry=registry, name="many")
+        pending = probe._series.pending()
+        assert pending is not None
+        n = SETTLE_AT + 10
+        with engine.connect() as conn:
+            for i in range(2 * n):
+                conn.execute(text("SELECT 1"))
+                conn.commit() if i % 2 else conn.rollback()
+                assert all(len(values) < SETTLE_AT for values in pending)
+        txn = "sqlprobe_transaction_duration_seconds_count"
+        for outcome in ("commit", "rollback"):
+            labels = {"engine": "many", "outcome": outcome}
+            assert registry.get_sample_value(txn, labels) == n
+            total = registry.get_sample_value(txn.replace("_count", "_sum"), labels) or 0.0
+            assert 0 < total < 5.0
+    finally:
+        engine.dispose()
+
+
+def test_a_return_conn_wrapper_of_the_application_still_runs(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """A wrapper the application put on the pool's _return_conn runs at every check-in."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'wrapped.db'}", poolclass=QueuePool)
+    pool = engine.pool
+    returned: list[Any] = []
+    unwrapped = pool._return_conn
+
+    def _return_conn(record: Any) -> None:
+        returned.append(record)
+        unwrapped(record)
+
+    pool._return_conn = _return_conn  # type: ignore[method-assign]
+    try:
+        sqlprobe.attach(engine, registry=registry, name="wrapped")
+        for _ in range(2):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        assert len(returned) == 2 and all(r is not None for r in returned)
+        count = registry.get_sample_value(
+            "sqlprobe_pool_connection_use_seconds_count", {"engine": "wrapped"}
+        )
+        assert count == 2
+    finally:
+        engine.dispose()
+
+
+def test_a_checkout_from_before_a_reattach_is_not_measured_at_check_in(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """Detached and attached again: the check-in and commit of an older checkout count nothing."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'again.db'}", poolclass=QueuePool)
+    try:
+        first = sqlprobe.attach(engine, registry=registry, name="before")
+        conn = engine.connect()
+        conn.begin()
+        conn.execute(text("SELECT 1"))
+        first.detach()
+        sqlprobe.attach(engine, registry=registry, name="after")
+        conn.commit()
+        conn.close()
+        labels = {"engine": "after"}
+        use = "sqlprobe_pool_connection_use_seconds_count"
+        txn = "sqlprobe_transaction_duration_seconds_count"
+        assert registry.get_sample_value(use, labels) == 0
+        assert registry.get_sample_value(txn, {**labels, "outcome": "commit"}) in (None, 0)
+    finally:
+        engine.dispose()
+
+
+def test_a_commit_failing_outside_the_driver_is_no_failed_statement(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """A COMMIT that raises something other than a DBAPI error counts no statement error."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'interrupted.db'}")
+    commit = engine.dialect.do_commit
+
+    def interrupted(connection: Any) -> None:
+        raise RuntimeError("interrupted before the driver ran")
+
+    engine.dialect.do_commit = interrupted  # type: ignore[method-assign]
+    try:
+        sqlprobe.attach(engine, registry=registry, name="interrupted")
+        with pytest.raises(RuntimeError), engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+        errors = [
+            s
+            for m in registry.collect()
+            if m.name == "sqlprobe_query_errors"
+            for s in m.samples
+            if s.name == "sqlprobe_query_errors_total"
+        ]
+        assert errors == []
+        labels = {"engine": "interrupted", "outcome": "rollback"}
+        txn = "sqlprobe_transaction_duration_seconds_count"
+        assert registry.get_sample_value(txn, labels) == 1
+    finally:
+        engine.dialect.do_commit = commit  # type: ignore[method-assign]
+        engine.dispose()
+
+
+@pytest.mark.parametrize("begun", [True, False])
+def test_a_rollback_the_driver_refuses_counts_as_a_failed_rollback(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None, begun: bool
+) -> None:
+    """A ROLLBACK failing in the driver counts a ROLLBACK error, with or without a transaction."""
+    import sqlite3
+
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'norollback.db'}", poolclass=QueuePool)
+    rollback = engine.dialect.do_rollback
+    refuse = [False]
+
+    def refusing(connection: Any) -> None:  # a driver whose ROLLBACK fails once
+        if refuse[0]:
+            refuse[0] = False
+            raise sqlite3.OperationalError("rollback refused")
+        rollback(connection)
+
+    try:
+        engine.dialect.do_rollback = refusing  # type: ignore[method-assign]
+        sqlprobe.attach(engine, registry=registry, name="norollback")
+        conn = engine.connect()
+        refuse[0] = True
+        if begun:
+            conn.execute(text("SELECT 1"))
+            with pytest.raises(Exception, match="rollback refused"):
+                conn.rollback()
+        else:
+            with pytest.raises(Exception, match="rollback refused"):
+                engine.dialect.do_rollback(conn.connection)  # the pool's own reset
+        conn.close()
+        errors = {
+            (s.labels["operation"], s.labels["error"]): s.value
+            for m in registry.collect()
+            if m.name == "sqlprobe_query_errors"
+            for s in m.samples
+            if s.name == "sqlprobe_query_errors_total"
+        }
+        assert errors == {("ROLLBACK", "OperationalError"): 1}
+        labels = {"engine": "norollback", "outcome": "rollback"}
+        count = registry.get_sample_value("sqlprobe_transaction_duration_seconds_count", labels)
+        assert count == (1 if begun else 0)
+    finally:
+        engine.dialect.do_rollback = rollback  # type: ignore[method-assign]
+        engine.dispose()
