@@ -1055,7 +1055,7 @@ class _PoolRecorder:
     def __init__(self, hold: float, idle_in_transaction: float) -> None:
         self.hold_threshold = hold
         self.idle_in_transaction_threshold = idle_in_transaction
-        self.wait_threshold = float("inf")
+        self.wait_threshold = 0.0
         self.calls: list[tuple[Any, ...]] = []
         self.reported: list[tuple[Any, float, float, float]] = []
 
@@ -1075,7 +1075,13 @@ def test_checkouts_over_a_threshold_are_reported_at_check_in(tmp_path: Path) -> 
     from sqlprobe._core._hold import TXN_IDLE
     from sqlprobe._hooks._pool import PoolHooks
 
-    engine = create_engine(f"sqlite:///{tmp_path / 'report.db'}", poolclass=QueuePool)
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'report.db'}",
+        poolclass=QueuePool,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.01,
+    )
     stages: list[Any] = []
     hooks = PoolHooks(engine, contain=stages.append, error_name=lambda exc: type(exc).__name__)
     recorder = _PoolRecorder(hold=0.2, idle_in_transaction=0.05)
@@ -1100,12 +1106,20 @@ def test_checkouts_over_a_threshold_are_reported_at_check_in(tmp_path: Path) -> 
             assert start < now <= time.perf_counter()
             assert 0.0 <= idle <= use
         assert recorder.reported[0][3] == recorder.reported[0][2]  # no statement: all idle
-        assert all(r[0][TXN_IDLE] >= 0.05 for r in recorder.reported[1:])
+        assert all(0.05 <= r[0][TXN_IDLE] <= r[2] for r in recorder.reported[1:])
+        # wait_threshold 0: every checkout waited "long" and was told; a timeout too
+        exhausted = [c[1:] for c in recorder.calls if c[0] == "exhausted"]
+        assert len(exhausted) == 4
+        assert all(0 <= waited < 0.1 and timed_out is False for waited, timed_out in exhausted)
         uses = [c[1] for c in recorder.calls if c[0] == "checkin"]
         idles = [c[1] for c in recorder.calls if c[0] == "idle"]
         assert len(uses) == len(idles) == 4
         assert [r[2] for r in recorder.reported] == [uses[0], uses[2], uses[3]]
         assert stages == []
+        with engine.connect(), pytest.raises(Exception, match="QueuePool limit"):
+            engine.connect()
+        waited, timed_out = [c[1:] for c in recorder.calls if c[0] == "exhausted"][-1]
+        assert timed_out is True and 0.01 <= waited < 1.0
     finally:
         undo()
         engine.dispose()
@@ -1243,10 +1257,11 @@ def test_many_transactions_in_one_checkout_keep_the_pending_lists_bounded(
         assert pending is not None
         n = SETTLE_AT + 10
         with engine.connect() as conn:
-            for i in range(2 * n):
-                conn.execute(text("SELECT 1"))
-                conn.commit() if i % 2 else conn.rollback()
-                assert all(len(values) < SETTLE_AT for values in pending)
+            for end in ("commit", "rollback"):
+                for _ in range(n):
+                    conn.execute(text("SELECT 1"))
+                    getattr(conn, end)()
+                    assert all(len(values) < SETTLE_AT for values in pending)
         txn = "sqlprobe_transaction_duration_seconds_count"
         for outcome in ("commit", "rollback"):
             labels = {"engine": "many", "outcome": outcome}
@@ -1388,4 +1403,41 @@ def test_a_rollback_the_driver_refuses_counts_as_a_failed_rollback(
         assert count == (1 if begun else 0)
     finally:
         engine.dialect.do_rollback = rollback  # type: ignore[method-assign]
+        engine.dispose()
+
+
+def test_wrappers_the_application_put_on_the_pool_still_run(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """Wrappers on the pool instance's connect and recreate run under sqlprobe's."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'wrappers.db'}", poolclass=QueuePool)
+    pool = engine.pool
+    calls: list[str] = []
+    connect, recreate = pool.connect, pool.recreate
+
+    def counted_connect() -> Any:
+        calls.append("connect")
+        return connect()
+
+    def counted_recreate() -> Any:
+        calls.append("recreate")
+        return recreate()
+
+    pool.connect = counted_connect  # type: ignore[method-assign]
+    pool.recreate = counted_recreate  # type: ignore[method-assign]
+    try:
+        sqlprobe.attach(engine, registry=registry, name="wrappers")
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+        assert calls == ["connect", "recreate"]
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        count = registry.get_sample_value(
+            "sqlprobe_pool_checkout_wait_seconds_count", {"engine": "wrappers"}
+        )
+        assert count == 2
+    finally:
         engine.dispose()
