@@ -1441,3 +1441,31 @@ def test_wrappers_the_application_put_on_the_pool_still_run(
         assert count == 2
     finally:
         engine.dispose()
+
+
+def test_a_connect_failing_outside_the_driver_is_no_connect_error(
+    registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """A creator raising something other than a DBAPI error counts no connect error."""
+    import sqlite3
+
+    failures = [RuntimeError("not the driver"), sqlite3.OperationalError("refused")]
+
+    def creator() -> Any:
+        raise failures.pop(0)
+
+    engine = create_engine("sqlite://", creator=creator)
+    try:
+        sqlprobe.attach(engine, registry=registry, name="creator")
+        for _ in range(2):
+            with pytest.raises(Exception, match=r"not the driver|refused"):
+                engine.connect()
+        errors = {
+            s.labels["error"]: s.value
+            for m in registry.collect()
+            for s in m.samples
+            if s.name == "sqlprobe_pool_connect_errors_total"
+        }
+        assert errors == {"OperationalError": 1}
+    finally:
+        engine.dispose()
