@@ -115,7 +115,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AssertionPool, Pool, QueuePool, StaticPool
 
-from .._core._frames import SourceFinder
+from .._core._frames import FRAMES_BY_MODULE_NAME, SourceFinder
 from .._core._hold import (
     BEGUN,
     BEGUN_SECONDS,
@@ -746,6 +746,8 @@ class PoolHooks:
         held = self._holds
         peak = self._peak
         locate = self._finder.locate
+        locate_caller = self._finder.locate_caller
+        by_module = FRAMES_BY_MODULE_NAME
         get_scope = current_scope_getter()
         getframe = sys._getframe
         open_unit = self._open_unit
@@ -786,7 +788,10 @@ class PoolHooks:
                 if out_key not in state:
                     if wait >= wait_threshold and exhausted is not None:
                         exhausted(wait, False)
-                    code, lasti = locate(getframe(1))
+                    if by_module:  # Python 3.12+: see SourceFinder.locate_caller
+                        code, lasti = locate_caller(1)  # the caller of pool.connect
+                    else:
+                        code, lasti = locate(getframe(1))
                     scope = get_scope()
                     unit = None
                     if scope is not None:
