@@ -94,7 +94,7 @@ for candidate in python3.12 python3.13 "$pyenv_root"/versions/3.12*/bin/python3 
   fi
 done
 if [ -n "$py312" ]; then
-  log "smoke and pool-hold tests ($py312, SQLAlchemy 2.1)"
+  log "pool, slow-query and N+1 tests ($py312, SQLAlchemy 2.1)"
   [ -x .venv-py312/bin/python ] || "$py312" -m venv .venv-py312
   .venv-py312/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' -r requirements-dev.txt 2>&1 \
     | { grep -v '^WARNING: Location' || true; }
