@@ -7,6 +7,7 @@ each test fails for a one-line change of ``Collector.timed``, ``Collector.failed
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -80,32 +81,41 @@ def _hold(conn: Any) -> list[Any]:
 
 
 def test_every_statement_kind_adds_its_time_count_end_and_text_to_the_hold(
-    engine: Engine,
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """execute, executemany, no-parameter and failed statements all go to the checkout's hold."""
+    # A clock that moves one second per reading: each statement takes exactly 1 s.
+    ticks = itertools.count(1000)
+    monkeypatch.setattr(_collector, "perf_counter", lambda: float(next(ticks)))
     probe = sqlprobe.attach(engine, registry=CollectorRegistry())
     try:
         with engine.connect() as conn:
             hold = _hold(conn)
             before = hold[SECONDS]
-            conn.execute(text("SELECT v FROM t WHERE id = :i"), {"i": 1})
-            assert hold[STATEMENTS] == 1
-            assert hold[STATEMENT] == "SELECT v FROM t WHERE id = ?"
-            conn.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 1}, {"v": 2}])
-            assert hold[STATEMENTS] == 2
-            assert hold[STATEMENT] == "INSERT INTO t (v) VALUES (?)"
-            conn.exec_driver_sql("SELECT 1")
-            assert hold[STATEMENTS] == 3
-            assert hold[STATEMENT] == "SELECT 1"
+            run = [
+                lambda: conn.execute(text("SELECT v FROM t WHERE id = :i"), {"i": 1}),
+                lambda: conn.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 1}, {"v": 2}]),
+                lambda: conn.execution_options(no_parameters=True).exec_driver_sql("SELECT 1"),
+                lambda: conn.exec_driver_sql("SELECT 2"),
+            ]
+            texts = [
+                "SELECT v FROM t WHERE id = ?",
+                "INSERT INTO t (v) VALUES (?)",
+                "SELECT 1",
+                "SELECT 2",
+            ]
+            for n, (statement, expected) in enumerate(zip(run, texts, strict=True), 1):
+                statement()
+                assert hold[STATEMENTS] == n
+                assert hold[STATEMENT] == expected
+                assert hold[SECONDS] - before == float(n)
+                assert hold[LAST] == 1000.0 + 2 * n - 1  # the end of this statement
             with pytest.raises(Exception, match="no_such_table"):
                 conn.exec_driver_sql("SELECT * FROM no_such_table")
-            assert hold[STATEMENTS] == 4
+            assert hold[STATEMENTS] == 5
             assert hold[STATEMENT] == "SELECT * FROM no_such_table"
-            seconds = hold[SECONDS] - before
-            last = hold[LAST]
-            # Four statements took some time, less than the connection has been out.
-            assert 0 < seconds < last - hold[0]
-            assert isinstance(last, float) and last > hold[0]
+            assert hold[SECONDS] - before == 5.0
+            assert hold[LAST] == 1009.0
     finally:
         probe.detach()
 
@@ -147,44 +157,89 @@ def test_hooks_left_in_place_by_detach_pass_every_argument_through_and_count_not
     engine: Engine,
 ) -> None:
     """Wrapped by someone after attach, detach leaves pass-throughs that measure nothing."""
+    dialect = engine.dialect
+    names = ("do_execute", "do_executemany", "do_execute_no_params")
+    reached: dict[str, tuple[Any, ...]] = {}
+
+    def spy(name: str) -> Any:  # below sqlprobe: what the driver call receives
+        original = getattr(dialect, name)
+
+        def method(*args: Any) -> Any:
+            reached[name] = args
+            return original(*args)
+
+        return method
+
+    for name in names:
+        setattr(dialect, name, spy(name))
     registry = CollectorRegistry()
     probe = sqlprobe.attach(engine, registry=registry, name="pins")
-    dialect = engine.dialect
-    seen: list[tuple[Any, ...]] = []
-    ours = dialect.do_execute
 
-    def theirs(*args: Any) -> Any:
-        seen.append(args)
-        return ours(*args)
+    def counted() -> float:
+        return sum(
+            s.value
+            for m in registry.collect()
+            for s in m.samples
+            if s.name == "sqlprobe_statement_calls_total" and s.labels.get("engine") == "pins"
+        )
 
-    dialect.do_execute = theirs
-    with engine.begin() as conn:
-        conn.execute(text("SELECT v FROM t WHERE id = :i"), {"i": 1})
-    calls = "sqlprobe_statement_calls_total"
-    counted = sum(
-        s.value
-        for m in registry.collect()
-        for s in m.samples
-        if s.name == calls and s.labels.get("engine") == "pins"
-    )
-    assert counted == 1
+    def workload() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("SELECT v FROM t WHERE id = :i"), {"i": 1})
+            conn.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 1}, {"v": 2}])
+            conn.execution_options(no_parameters=True).exec_driver_sql("SELECT 3")
+
+    for name in names:  # someone wraps sqlprobe's hooks after attach
+        ours = getattr(dialect, name)
+        setattr(dialect, name, lambda *args, _ours=ours: _ours(*args))
+    workload()
+    assert counted() == 3
     probe.detach()
-    assert dialect.do_execute is theirs  # theirs stays, and calls ours
-    with engine.begin() as conn:
-        rows = conn.execute(text("SELECT v FROM t WHERE id = :i"), {"i": 1}).all()
-        assert rows == []
-        conn.execute(text("INSERT INTO t (v) VALUES (:v)"), {"v": 5})
-        assert conn.execute(text("SELECT v FROM t")).scalars().all() == [5]
-    after = sum(
-        s.value
-        for m in registry.collect()
-        for s in m.samples
-        if s.name == calls and s.labels.get("engine") == "pins"
-    )
-    assert after == counted  # totals kept, nothing more counted
-    cursor, statement, _parameters, context = seen[-1]
-    assert statement == "SELECT v FROM t" and context is not None and context.cursor is cursor
-    del dialect.do_execute
+    assert all(getattr(dialect, name).__name__ == "<lambda>" for name in names)
+    reached.clear()
+    workload()
+    assert counted() == 3  # totals kept, nothing more counted
+    cursor, statement, parameters, context = reached["do_execute"]
+    assert statement == "SELECT v FROM t WHERE id = ?" and parameters == (1,)
+    assert context is not None and context.cursor is cursor
+    cursor, statement, parameters, context = reached["do_executemany"]
+    assert parameters == [(1,), (2,)] and context is not None and context.cursor is cursor
+    cursor, statement, context = reached["do_execute_no_params"]
+    assert statement == "SELECT 3" and context is not None and context.cursor is cursor
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM t")).scalar() == 4
+    for name in names:
+        delattr(dialect, name)
+
+
+def test_sqlcommenter_comments_every_kind_of_statement(engine: Engine) -> None:
+    """With sqlcommenter on, execute, executemany and no-parameter statements carry it."""
+    dialect = engine.dialect
+    sent: dict[str, str] = {}
+
+    def spy(name: str) -> Any:
+        original = getattr(dialect, name)
+
+        def method(cursor: Any, statement: str, *rest: Any) -> Any:
+            sent[name] = statement
+            return original(cursor, statement, *rest)
+
+        return method
+
+    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
+        setattr(dialect, name, spy(name))
+    probe = sqlprobe.attach(engine, registry=CollectorRegistry(), sqlcommenter="static")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("SELECT v FROM t WHERE id = :i"), {"i": 1})
+            conn.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 1}, {"v": 2}])
+            conn.execution_options(no_parameters=True).exec_driver_sql("SELECT 3")
+    finally:
+        probe.detach()
+    assert sent["do_execute"].startswith("SELECT v FROM t WHERE id = ? /*")
+    assert sent["do_executemany"].startswith("INSERT INTO t (v) VALUES (?) /*")
+    assert sent["do_execute_no_params"].startswith("SELECT 3 /*")
+    assert all(s.endswith("*/") for s in sent.values())
 
 
 def test_without_a_trace_step_every_statement_is_counted_with_its_rows() -> None:
@@ -354,3 +409,73 @@ def test_the_trace_gate_defaults_open_and_a_given_gate_is_the_one_read() -> None
     gate[0] = float("-inf")
     shut.timed(lambda *args: None, batched=False)(Cursor(), "SELECT 1", (), Context())
     assert len(traced) == 2
+
+
+def test_a_statement_without_an_execution_context_is_still_counted() -> None:
+    """A dialect's own call with no context: counted with its rows, no internal error."""
+    metrics = Metrics()
+    made = collector(metrics)
+    made.timed(lambda *args: None, batched=False)(Cursor(), "UPDATE t SET v = 1", (), None)
+    assert metrics.calls == [("observe", made._cache["UPDATE t SET v = 1"][1], 3, None)]
+    assert made.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_statement_exactly_at_the_threshold_is_slow_and_recorded_with_its_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """'At or over' the slow-query threshold, succeeded or failed; the record keeps start."""
+    ticks = itertools.count(1000)
+    monkeypatch.setattr(_collector, "perf_counter", lambda: float(next(ticks)))
+    metrics = Metrics()
+    records: list[Any] = []
+
+    class Sink:
+        stage = "slowlog"
+
+        def on_statement(self, record: Any) -> None:
+            records.append(record)
+
+    made = collector(metrics, slow_query_threshold=1.0, slow_sinks=(Sink(),))
+    made.timed(lambda *args: None, batched=False)(Cursor(), "SELECT 1", (), Context())
+    handle = made._cache["SELECT 1"][1]
+    assert ("slow", handle) in metrics.calls
+    (record,) = records
+    assert (record.start, record.duration) == (1000.0, 1.0)
+    made.failed("SELECT 1", 5.0, 6.0, Context(), (), 0, ValueError("x"))
+    assert metrics.calls.count(("slow", handle)) == 2
+    assert records[1].start == 5.0 and records[1].error is not None
+
+
+def test_a_failure_without_a_trace_step_links_no_span() -> None:
+    """No trace step: the failed statement's observation carries no span (None)."""
+    metrics = Metrics()
+    made = collector(metrics)
+    made.failed("SELECT 1", 1.0, 1.5, Context(), (), 0, KeyError("k"))
+    handle = made._cache["SELECT 1"][1]
+    assert metrics.calls == [("error", handle, "KeyError"), ("observe", handle, -1, None)]
+
+
+def test_a_statement_as_long_as_the_cache_allows_is_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CACHE_MAX_STATEMENT is the longest text still cached."""
+    monkeypatch.setattr(_collector, "CACHE_MAX_STATEMENT", 10)
+    made = collector(Metrics())
+    execute = made.timed(lambda *args: None, batched=False)
+    execute(Cursor(), "SELECT 100", (), Context())  # 10 characters
+    execute(Cursor(), "SELECT 1000", (), Context())  # 11 characters
+    assert list(made._cache) == ["SELECT 100"]
+
+
+def test_a_statement_starting_exactly_at_the_trace_gate_is_traced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trace step runs for statements that start at or after the gate."""
+    ticks = itertools.count(1000)
+    monkeypatch.setattr(_collector, "perf_counter", lambda: float(next(ticks)))
+    traced: list[float] = []
+    made = collector(
+        Metrics(), trace=lambda _shape, start, *rest: traced.append(start), trace_gate=[1000.0]
+    )
+    made.timed(lambda *args: None, batched=False)(Cursor(), "SELECT 1", (), Context())
+    assert traced == [1000.0]
