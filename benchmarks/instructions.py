@@ -43,12 +43,15 @@ instructions per unit from one invocation to the next on a loaded machine):
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import dropwhile
@@ -59,6 +62,7 @@ SLOWDOWN = 50
 LOOPS = ("unit", "statement", "memory")
 VARIANTS = {
     "bare": "bare SQLAlchemy",
+    "floor": "bare + the pool hook points, empty (suite._hooks_floor)",
     "metrics": "sqlprobe metrics only (no pool hooks)",
     "pool": "sqlprobe + pool/tx metrics",
     "default": "sqlprobe defaults (+ N+1)",
@@ -78,6 +82,7 @@ def worker(variant: str, loop: str, n: int, path: str, flag: str) -> None:
     url = f"sqlite:///{path}"
     setup = {
         "bare": suite._bare,
+        "floor": suite._hooks_floor,
         "metrics": suite._metrics_only,
         "pool": suite._metrics_pool,
         "default": suite._default,
@@ -87,12 +92,14 @@ def worker(variant: str, loop: str, n: int, path: str, flag: str) -> None:
 
         setup = suite._otel_instrumentation(TracerProvider(), False)
     assert setup is not None
-    # Under callgrind the program runs about 50 times slower: sqlprobe's time-based
-    # intervals (the ambient span lookup) are stretched alike, so that they fire as
-    # often per statement as they do at full speed.
+    # The ambient span lookup (exemplars) happens once per AMBIENT_INTERVAL of wall
+    # time: how many statements share one depends on how fast the machine runs the
+    # counted process, which under callgrind and with other work on the machine varies
+    # by a factor of several. Only the first statement looks: the count is of the
+    # statements between two looks, which are all but one in 10 ms at full speed.
     from sqlprobe._sinks import _otel
 
-    _otel.AMBIENT_INTERVAL *= SLOWDOWN
+    _otel.AMBIENT_INTERVAL = float("inf")
     stretched = {
         "slow_query_threshold": 0.1 * SLOWDOWN,
         "pool_hold_threshold": 1.0 * SLOWDOWN,
@@ -113,6 +120,8 @@ def worker(variant: str, loop: str, n: int, path: str, flag: str) -> None:
 
     known = inspect.signature(sqlprobe.attach).parameters
     suite.ATTACH_OPTIONS.update({k: v for k, v in stretched.items() if k in known})
+    # --options: attach options of every sqlprobe variant (a knock-out, e.g. a threshold).
+    suite.ATTACH_OPTIONS.update(json.loads(os.environ.get("SQLPROBE_BENCH_OPTIONS", "{}")))
     teardown = setup(engine)
     import sqlprobe._state
 
@@ -164,12 +173,21 @@ def _wait_for(path: str) -> None:
         time.sleep(0.001)
 
 
+_slot = threading.local()
+_slots = itertools.count()
+
+
 def count(variant: str, loop: str, n: int, path: str) -> int:
     """Instructions of one worker process's loop under callgrind."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "callgrind.out")
-        flag = os.path.join(tmp, "go")
-        # A database file of its own: workers running at once never share one.
+    with tempfile.TemporaryDirectory() as scratch:
+        # The same path in every run (a random one would change the URL's length and
+        # hash, and with them the work done), of its own for each worker running at once.
+        if not hasattr(_slot, "n"):
+            _slot.n = next(_slots)
+        tmp = os.path.join(tempfile.gettempdir(), f"sqlprobe-instructions-{_slot.n}")
+        os.makedirs(tmp, exist_ok=True)
+        out = os.path.join(scratch, "callgrind.out")
+        flag = os.path.join(scratch, "go")
         shutil.copyfile(path, os.path.join(tmp, "bench.db"))
         path = os.path.join(tmp, "bench.db")
         env = {**os.environ, "PYTHONHASHSEED": "0"}
@@ -216,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument(
+        "--options", default="", help="JSON attach options for the sqlprobe variants"
+    )
+    parser.add_argument("--loops", default=",".join(LOOPS), help="of: " + ",".join(LOOPS))
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -223,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         worker(variant, loop, int(n), path, flag)
         return 0
     names = [v for v in args.variants.split(",") if v]
+    if args.options:
+        json.loads(args.options)  # fail here, not in every worker
+        os.environ["SQLPROBE_BENCH_OPTIONS"] = args.options
+    loops = [loop for loop in LOOPS if loop in args.loops.split(",")]
     if names[0] != "bare":
         names.insert(0, "bare")
     sys.path.insert(0, HERE)
@@ -247,14 +273,22 @@ def main(argv: list[str] | None = None) -> int:
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
-        jobs = [(v, loop, n) for v in names for loop in LOOPS for n in (LOW, HIGH)]
+        jobs = [(v, loop, n) for v in names for loop in loops for n in (LOW, HIGH)]
         with ThreadPoolExecutor(args.jobs) as pool:
             totals = dict(zip(jobs, pool.map(lambda j: count(*j, path), jobs), strict=True))
     per = {
         (v, loop): (totals[(v, loop, HIGH)] - totals[(v, loop, LOW)]) / (HIGH - LOW)
         for v in names
-        for loop in LOOPS
+        for loop in loops
     }
+    if "unit" in loops and "statement" in loops:
+        _units(names, per)
+    if "memory" in loops:
+        _memory(names, per)
+    return 0
+
+
+def _units(names: list[str], per: dict[tuple[str, str], float]) -> None:
     bare_u, bare_s = per[("bare", "unit")], per[("bare", "statement")]
     print(f"instructions per iteration (callgrind; {LOW} and {HIGH} iterations)\n")
     print("file SQLite (QueuePool): a request unit, and a statement on an open connection\n")
@@ -270,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
             f"| {VARIANTS[v]} | {u:,.0f} | {du:+,.0f} | {u / bare_u:.3f} | {s:,.0f} "
             f"| {ds:+,.0f} | {s / bare_s:.3f} | {du - 3 * ds:+,.0f} |"
         )
+
+
+def _memory(names: list[str], per: dict[tuple[str, str], float]) -> None:
     bare_m = per[("bare", "memory")]
     print("\nin-memory SQLite: a primary-key SELECT on an open connection\n")
     print("| variant | per statement | added | ratio |")
@@ -277,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
     for v in names:
         m = per[(v, "memory")]
         print(f"| {VARIANTS[v]} | {m:,.0f} | {m - bare_m:+,.0f} | {m / bare_m:.3f} |")
-    return 0
 
 
 if __name__ == "__main__":

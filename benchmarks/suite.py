@@ -120,6 +120,65 @@ def _bare(engine: Any) -> Teardown:
     return lambda: None
 
 
+def _hooks_floor(engine: Any) -> Teardown:
+    """The least that exact checkout-wait, use and transaction times can cost.
+
+    No sqlprobe: the same hook points its pool metrics use (the pool instance's
+    ``connect`` and ``_return_conn``, the dialect instance's ``do_begin``,
+    ``do_commit`` and ``do_rollback``), each with the smallest body that still measures
+    its value exactly (clock reads, one store on the connection record, one append).
+    What sqlprobe's pool hooks cost beyond this is theirs; this much is the price of the
+    hook points themselves.
+    """
+    pool, dialect = engine.pool, engine.dialect
+    cls_connect, cls_return = type(pool).connect, type(pool)._return_conn
+    begin, commit, rollback = dialect.do_begin, dialect.do_commit, dialect.do_rollback
+    waits: list[float] = []
+    uses: list[float] = []
+    txns: list[float] = []
+    clock = time.perf_counter
+
+    def connect() -> Any:
+        start = clock()
+        conn = cls_connect(pool)
+        now = clock()
+        waits.append(now - start)
+        conn._connection_record.__dict__["_floor_out"] = now
+        if len(waits) > 4096:
+            del waits[:], uses[:], txns[:]
+        return conn
+
+    def _return_conn(record: Any) -> None:
+        out = record.__dict__.pop("_floor_out", None)
+        if out is not None:
+            uses.append(clock() - out)
+        cls_return(pool, record)
+
+    def do_begin(connection: Any) -> None:
+        connection._connection_record.__dict__["_floor_txn"] = clock()
+        begin(connection)
+
+    def ended(original: Callable[[Any], None]) -> Callable[[Any], None]:
+        def end(connection: Any) -> None:
+            begun = connection._connection_record.__dict__.pop("_floor_txn", None)
+            original(connection)
+            if begun is not None:
+                txns.append(clock() - begun)
+
+        return end
+
+    vars(pool).update(connect=connect, _return_conn=_return_conn)
+    vars(dialect).update(do_begin=do_begin, do_commit=ended(commit), do_rollback=ended(rollback))
+
+    def teardown() -> None:
+        for name in ("connect", "_return_conn"):
+            vars(pool).pop(name, None)
+        for name in ("do_begin", "do_commit", "do_rollback"):
+            vars(dialect).pop(name, None)
+
+    return teardown
+
+
 def _metrics_only(engine: Any) -> Teardown:
     # The suite measures the pool hooks' share separately: take them off here only.
     probe = sqlprobe.attach(
@@ -1052,10 +1111,13 @@ def main(argv: list[str] | None = None) -> int:
         keep = {
             "bare",
             "sqlprobe metrics only",
+            "sqlprobe + pool/tx metrics",
             "sqlprobe defaults (+ N+1)",
             "otel-instrumentation-sqlalchemy",
         }
         rvs = [v for v in vs if v.name in keep]
+        # What the hook points alone cost: the floor under any exact pool metric.
+        rvs.insert(1, Variant("empty pool hooks (no sqlprobe)", _hooks_floor))
         if args.baseline:
             rvs.insert(len(rvs) - 1 if with_otel else len(rvs), _baseline_variant(args.baseline))
         rr, rb = (5, 100) if q else (41, 200)

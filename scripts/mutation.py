@@ -35,7 +35,7 @@ else:  # mutmut itself needs the toml package there
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "mutation"
 #: Top-level entries never linked into a target's directory.
-SKIP = {".git", ".venv", ".venv-sa20", "build", "mutants", "pyproject.toml", "site"}
+SKIP = {".git", ".venv", ".venv-sa20", ".venv-py312", "build", "mutants", "pyproject.toml", "site"}
 
 
 def _targets() -> tuple[dict[str, object], dict[str, dict[str, object]]]:

@@ -66,7 +66,9 @@ if [ ! -f "$sdist/test/conftest.py" ]; then
   log "SQLAlchemy $version sdist into $cache"
   tarball=$(ls "$cache"/sqlalchemy-"$version".tar.gz 2>/dev/null || true)
   if [ -z "$tarball" ]; then
-    "$py" -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps \
+    # --no-binary for SQLAlchemy alone: with :all:, pip would also build the sdist's
+    # build requirements (Cython) from source to prepare its metadata, for minutes.
+    "$py" -m pip download -q --disable-pip-version-check --no-binary sqlalchemy --no-deps \
       -d "$cache" "sqlalchemy==$version" 2>&1 | { grep -v '^WARNING: Location' || true; }
     tarball="$cache/sqlalchemy-$version.tar.gz"
   fi

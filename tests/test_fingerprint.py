@@ -583,3 +583,24 @@ def test_number_pass_matches_the_plain_regex_on_random_text() -> None:
     for _ in range(20_000):
         text = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 24)))
         assert _replace_numbers(text) == _NUMBERS.sub("?", text), repr(text)
+
+
+@pytest.mark.parametrize(
+    ("statement", "normalized", "table"),
+    [
+        ("SELECT İİ FROM t WHERE a IN (1, 2)", "SELECT İİ FROM t WHERE a IN (?)", "t"),
+        ("SELECT İ, ARRAY[1, 2, 3] FROM t", "SELECT İ, ARRAY[?] FROM t", "t"),
+        ("SELECT x AS İİİ FROM t WHERE (a, b) IN ((1, 2), (3, 4))", None, "t"),
+        ("INSERT INTO İ VALUES (1, 2), (3, 4)", "INSERT INTO İ VALUES (?, ?)", "İ"),
+    ],
+)
+def test_a_character_that_lowercases_to_two_shifts_no_keyword(
+    statement: str, normalized: str | None, table: str
+) -> None:
+    """Text with İ (U+0130, two characters lowercased) collapses lists and finds tables."""
+    shape = analyze(statement)
+    if normalized is not None:
+        assert shape.normalized == normalized
+    else:
+        assert shape.normalized.endswith("IN ((?, ?))")
+    assert shape.table == table

@@ -73,6 +73,132 @@ def test_with_statement_past_the_candidate_bound_is_other_not_unparsed() -> None
     assert shape.operation == "OTHER"
 
 
+def test_quoted_names_past_the_bound_are_normalized_like_code() -> None:
+    """Only the first 1,000 quoted names holding digits keep them; later ones are code."""
+    names = ", ".join(f'"c {i}"' for i in range(1001))
+    normalized = normalize(f"SELECT {names} FROM t")
+    assert normalized.startswith('SELECT "c 0", "c 1", ')
+    assert normalized.endswith(', "c 998", "c 999", "c ?" FROM t')
+
+
+def test_big_statements_collapse_lists_and_whitespace_like_small_ones() -> None:
+    """Past 64 KiB, IN lists still collapse to ``(?)`` and whitespace runs to one space."""
+    pad = "x" * 70_000
+    shape = analyze(f"SELECT  a,\n\t{pad} FROM t WHERE b IN (1, 2, 3) AND c IN (?, ?)\n")
+    assert shape.normalized == f"SELECT a, {pad} FROM t WHERE b IN (?) AND c IN (?)"
+    assert shape.table == "t"
+
+
+def test_big_statement_with_an_unterminated_mixed_list_keeps_every_element() -> None:
+    """Past 64 KiB, an IN list of numbers and placeholders with no ``)`` keeps each element."""
+    pad = " " * 70_000
+    assert normalize(f"SELECT a FROM t WHERE b IN (1, ?, 2 AND c = 1{pad}") == (
+        "SELECT a FROM t WHERE b IN (?, ?, ? AND c = ?"
+    )
+
+
+def test_only_real_string_prefixes_are_cut() -> None:
+    """``u&``/``U&`` are cut; names ending in a prefix letter, ``X&``, a long ``_word`` are not."""
+    assert normalize("SELECT u&'d\\0061t', U&'x'") == "SELECT ?, ?"
+    assert normalize("SELECT date'2024-01-01', a_e'x', a$e'y'") == "SELECT date?, a_e?, a$e?"
+    assert normalize("SELECT X&'1', a&'1' FROM t") == "SELECT X&?, a&? FROM t"
+    assert normalize("SELECT BOXXXX'a'") == "SELECT BOXXXX?"
+    assert normalize("SELECT _" + "a" * 31 + "'x'") == "SELECT ?"
+    assert normalize("SELECT _" + "a" * 32 + "'x'") == "SELECT _" + "a" * 32 + "?"
+
+
+@pytest.mark.parametrize("free", [1, 2])
+def test_text_leaving_one_or_two_free_marks_still_normalizes(free: int) -> None:
+    """With two free marker characters prefixes and quoted names are kept; with one, not."""
+    marks = "".join(chr(c) for c in range(0xF8FF, 0xF8F7, -1))[: 8 - free]
+    normalized = normalize(f"SELECT E'x', \"c 1\" FROM t -- {marks}")
+    expected = {1: 'SELECT E?, "c ?" FROM t', 2: 'SELECT ?, "c 1" FROM t'}
+    assert normalized == expected[free]
+
+
+def test_in_lists_collapse_whatever_their_spacing_and_order() -> None:
+    """Every IN list collapses: ``IN (``, ``IN(``, and tuples written ``( (``."""
+    assert normalize("SELECT * FROM t WHERE a IN (1, 2) AND b IN (3, 4)") == (
+        "SELECT * FROM t WHERE a IN (?) AND b IN (?)"
+    )
+    assert normalize("SELECT * FROM t WHERE a IN(1, 2) AND b IN(3, 4)") == (
+        "SELECT * FROM t WHERE a IN(?) AND b IN(?)"
+    )
+    assert normalize("SELECT * FROM t WHERE (a, b) IN ( (1, 2), (3, 4) )") == (
+        "SELECT * FROM t WHERE (a, b) IN ((?, ?))"
+    )
+
+
+def test_values_and_arrays_collapse_wherever_they_stand() -> None:
+    """A statement starting with VALUES, and arrays before a later ``array`` word, collapse."""
+    assert analyze("VALUES (1, 2), (3, 4)")[1:] == ("VALUES (?, ?)", "SELECT", "")
+    assert normalize("INSERT INTO t (a) VALUES (1), (2) RETURNING t.values_count") == (
+        "INSERT INTO t (a) VALUES (?) RETURNING t.values_count"
+    )
+    assert normalize("INSERT INTO t (a) VALUES (ARRAY[1, 2, 3])") == (
+        "INSERT INTO t (a) VALUES (ARRAY[?])"
+    )
+    assert normalize("SELECT ARRAY[1, 2] AS a, ARRAY[3, 4] AS b") == (
+        "SELECT ARRAY[?] AS a, ARRAY[?] AS b"
+    )
+
+
+def test_only_semicolons_and_spaces_are_stripped_from_the_end() -> None:
+    """``SELECT * FROM BOX;`` keeps its table name whole."""
+    assert analyze("SELECT * FROM BOX;")[1:] == ("SELECT * FROM BOX", "SELECT", "BOX")
+
+
+@pytest.mark.parametrize(
+    ("statement", "table"),
+    [
+        ("WITH a AS (SELECT x FROM u) SELECT 1", ""),
+        ("(SELECT a FROM t) UNION SELECT b FROM u", "t"),
+        ("(SELECT 1) UNION SELECT a FROM t", ""),
+        ("SELECT * FROM (SELECT a FROM t UNION SELECT b FROM u) AS x", "t"),
+        ("SELECT * FROM (SELECT 1) AS x", ""),
+        ("SELECT (SELECT a FROM t), (SELECT b FROM v) FROM u WHERE c IN (SELECT d FROM w)", "u"),
+        ("SELECT * " + "FROM (" * 10_001, ""),
+    ],
+)
+def test_select_table_is_the_shallowest_from_of_the_main_select(statement: str, table: str) -> None:
+    """The SELECT's table: its own shallowest FROM, the first at that depth, else ``""``."""
+    assert analyze(statement).table == table
+
+
+def test_statement_objects_are_read_through_str_or_named_by_their_type() -> None:
+    """A SQLAlchemy ``text()`` is normalized from ``str()``; an unprintable object by type name."""
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    assert normalize(text("SELECT * FROM t WHERE a = 1")) == "SELECT * FROM t WHERE a = ?"  # type: ignore[arg-type]
+    assert normalize(Unprintable()) == "Unprintable"  # type: ignore[arg-type]
+
+
+def test_a_failure_inside_the_normalizer_reports_no_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An internal failure gives the UNPARSED shape with operation OTHER and table ``""``."""
+    from sqlprobe._core import _fingerprint
+
+    def broken(text: str) -> str:
+        raise ValueError("bug")
+
+    monkeypatch.setattr(_fingerprint, "_tokenize", broken)
+    assert analyze("SELECT * FROM t")[1:] == (UNPARSED, "OTHER", "")
+
+
+def test_truncation_starts_past_the_limit_and_keeps_the_prefix() -> None:
+    """A statement of exactly NORMALIZE_LIMIT characters is whole; one more is truncated."""
+    from sqlprobe._core._fingerprint import NORMALIZE_LIMIT
+
+    head = "SELECT a FROM t WHERE b = 1 OR c = "
+    whole = head + "d" * (NORMALIZE_LIMIT - len(head))
+    assert normalize(whole) == head.replace("1", "?") + "d" * (NORMALIZE_LIMIT - len(head))
+    cut = normalize(whole + "d")
+    assert cut.startswith(head.replace("1", "?"))
+    assert cut.endswith("d /* truncated */")
+
+
 # ---------------------------------------------------------------------- statement path
 
 

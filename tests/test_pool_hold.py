@@ -66,6 +66,29 @@ def pg(unique: str, detach_new_probes: None) -> Iterator[Any]:
         engine.dispose()
 
 
+def _getframemodulename(depth: int) -> str | None:
+    """Python 3.12's ``sys._getframemodulename``, emulated with frame objects on 3.11."""
+    try:
+        frame = sys._getframe(depth + 1)
+    except ValueError:
+        return None  # as on 3.12: past the end of the stack
+    name = frame.f_globals.get("__name__")
+    return name if isinstance(name, str) else None
+
+
+@pytest.fixture(params=["frame objects", "module names"])
+def walk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the checkout finds its application frame (by module name: Python 3.12+)."""
+    from sqlprobe._core import _frames
+    from sqlprobe._hooks import _pool
+
+    by_module = request.param == "module names"
+    if by_module and _frames._getframemodulename is None:
+        monkeypatch.setattr(_frames, "_getframemodulename", _getframemodulename)
+    monkeypatch.setattr(_pool, "FRAMES_BY_MODULE_NAME", by_module)
+    return str(request.param)
+
+
 @pytest.fixture
 def slow_http() -> Iterator[str]:
     """A local HTTP server whose every answer takes 0.7 s (a slow dependency)."""
@@ -89,7 +112,7 @@ def slow_http() -> Iterator[str]:
     server.server_close()
 
 
-def test_sleep_in_transaction_names_line_and_route(pg: Any, logs: LogCapture) -> None:
+def test_sleep_in_transaction_names_line_and_route(pg: Any, logs: LogCapture, walk: str) -> None:
     """A thread sleeping inside a transaction is named by file:line and scope in pool_hold."""
     engine = pg()
     sqlprobe.attach(engine, registry=CollectorRegistry(), logger=make_logger(logs))
@@ -157,7 +180,7 @@ def test_held_without_transaction_is_reported_at_checkin(pg: Any, logs: LogCaptu
 
 
 def test_asyncio_engine_hold_is_named(
-    unique: str, logs: LogCapture, detach_new_probes: None
+    unique: str, logs: LogCapture, detach_new_probes: None, walk: str
 ) -> None:
     """An AsyncEngine task awaiting inside a transaction is named by its line and scope."""
     _need(5432, "PostgreSQL")

@@ -148,7 +148,11 @@ class Cause:
 
     @property
     def per_parent(self) -> bool:
-        return self.kind in ("lazy", "deferred", "expired", "dynamic")
+        return self.kind in PER_PARENT_KINDS
+
+
+#: The kinds of :class:`Cause` that load something per parent object.
+PER_PARENT_KINDS = frozenset({"lazy", "deferred", "expired", "dynamic"})
 
 
 REPEAT = Cause("repeat")
@@ -365,8 +369,9 @@ class Detector:
                 except AttributeError:
                     return
                 attrs = connection.__dict__
-                found = attrs.get(session_slot)
-                session = found() if found is not None else None
+                # ``in`` first: a Core connection never has the Session's slot, and the
+                # test costs no call.
+                session = attrs[session_slot]() if session_slot in attrs else None
                 if session is not None and session._transaction is not None:
                     unit = SESSION_SCOPE
                     held = session.identity_map.__dict__
@@ -414,7 +419,8 @@ class Detector:
         if cause is EAGER:
             seen[3] = 0
             return
-        threshold = self.relationship_threshold if cause.per_parent else self.threshold
+        per_parent = cause.kind in PER_PARENT_KINDS  # Cause.per_parent, without its call
+        threshold = self.relationship_threshold if per_parent else self.threshold
         if n < threshold:
             seen[3] = threshold
             return

@@ -1,9 +1,10 @@
 """Records in, sinks out: the per-engine collector behind the statement hooks.
 
-The execution hooks (``_hooks._statement``) hand every statement the driver ran to
-:meth:`Collector.observe` or :meth:`Collector.failed`. The collector resolves the
-statement text to its shape through a bounded cache and fans the measurement out, in
-this order, to what was wired at attach:
+The execution hooks (``_hooks._statement``) wrap the dialect's execution methods with
+the functions :meth:`Collector.timed` builds: each times the driver call and accounts
+for the statement in the same function (a failed one goes to :meth:`Collector.failed`).
+The collector resolves the statement text to its shape through a bounded cache and fans
+the measurement out, in this order, to what was wired at attach:
 
 1. the **trace step** (spans, exemplar lookup, OTel metrics), which returns the span
    context to link to the statement, or None; it is called only for statements that
@@ -34,9 +35,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any, Protocol
 
 from ._fingerprint import Shape, analyze
+from ._hold import LAST, SECONDS, STATEMENT, STATEMENTS
 from ._records import Contain, StatementRecord
 
 __all__ = [
@@ -126,8 +129,6 @@ class Collector:
         self._cache: dict[str, Entry] = {}
         self._cache_chars = 0
         self._cache_lock = threading.Lock()
-        #: ``observe(statement, start, end, cursor, context, parameters, batch_size)``.
-        self.observe = self._make_observe()
 
     # -- record sinks -------------------------------------------------------------------
 
@@ -141,8 +142,27 @@ class Collector:
 
     # -- statement path -----------------------------------------------------------------
 
-    def _make_observe(self) -> Callable[[str, float, float, Any, Any, Any, int], None]:
-        """Build :meth:`observe`: one closure over everything fixed at attach."""
+    def timed(
+        self,
+        original: Callable[..., Any],
+        *,
+        batched: bool,
+        rewrite: Callable[[str], str] | None = None,
+        hold_key: str = "",
+        live: list[bool] | None = None,
+    ) -> Callable[[Any, str, Any, Any], None]:
+        """Build the timed ``execute(cursor, statement, parameters, context)`` hook.
+
+        It calls ``original`` with the text ``rewrite`` returns (the collector keeps the
+        original text), times exactly that call and accounts for the statement: one
+        function per statement, where the accounting was a second call (the hook, then
+        the collector). Everything fixed at attach is bound here; the body reads only
+        closure variables. A failed statement goes to :meth:`failed` and the driver's
+        exception is re-raised unchanged. With ``hold_key``, the statement is also
+        added to the checkout's hold on the pool's connection record (see
+        ``_hooks._statement``). While ``live[0]`` is False the hook only calls
+        ``original`` (detached, but wrapped by someone since).
+        """
         cache_get = self._cache.get
         miss = self._miss
         metrics = self.metrics
@@ -153,18 +173,27 @@ class Collector:
         threshold = self.threshold
         contain = self.contain
         dispatch = self._dispatch
+        failed = self.failed
         collector = self
+        key = hold_key
+        on = live if live is not None else [True]
+        clock = perf_counter
 
-        def observe(
-            statement: str,
-            start: float,
-            end: float,
-            cursor: Any,
-            context: Any,
-            parameters: Any,
-            batch_size: int,
-        ) -> None:
-            """Account for a statement that succeeded; never raises."""
+        def execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+            if not on[0]:
+                original(cursor, statement, parameters, context)
+                return
+            sent = statement if rewrite is None else rewrite(statement)
+            batch = len(parameters) if batched else 0
+            start = clock()
+            try:
+                original(cursor, sent, parameters, context)
+            except BaseException as exc:
+                end = clock()
+                failed(statement, start, end, context, parameters, batch, exc)
+                add_failed_to_hold(context, key, statement, start, end)
+                raise
+            end = clock()
             try:
                 entry = cache_get(statement)
                 if entry is None:
@@ -180,7 +209,7 @@ class Collector:
                         context._rowcount = rows
                 span = None
                 if trace is not None and start >= gate[0]:
-                    span = trace(shape, start, elapsed, batch_size, context, None)
+                    span = trace(shape, start, elapsed, batch, context, None)
                 record_stats(entry[1], elapsed, rows, span)
                 if unit is not None:
                     try:
@@ -194,13 +223,22 @@ class Collector:
                     sinks = collector.sinks
                 if sinks:
                     dispatch(
-                        sinks, shape, statement, start, elapsed, rows, batch_size,
+                        sinks, shape, statement, start, elapsed, rows, batch,
                         parameters, context, None, span,
                     )  # fmt: skip
             except Exception:
                 contain("collector")
+            try:
+                hold = context._dbapi_connection._connection_record.__dict__.get(key)
+            except AttributeError:  # no context, or a connection detached from its pool
+                return
+            if hold is not None:  # see _hold: SECONDS, STATEMENTS, LAST, STATEMENT
+                hold[6] += end - start
+                hold[7] += 1
+                hold[8] = end
+                hold[9] = statement
 
-        return observe
+        return execute
 
     def failed(
         self,
@@ -291,3 +329,22 @@ class Collector:
     def cache_size(self) -> tuple[int, int]:
         """Entries and characters in the text cache (for tests and diagnostics)."""
         return len(self._cache), self._cache_chars
+
+
+# The statement hook writes a hold's fields by literal index (no global lookups).
+assert (SECONDS, STATEMENTS, LAST, STATEMENT) == (6, 7, 8, 9)
+
+
+def add_failed_to_hold(context: Any, key: str, statement: str, start: float, end: float) -> None:
+    """Add a failed statement to its checkout's hold (the database did the work)."""
+    if not key:
+        return
+    try:
+        hold = context._dbapi_connection._connection_record.__dict__.get(key)
+    except Exception:
+        return
+    if hold is not None:
+        hold[SECONDS] += end - start
+        hold[STATEMENTS] += 1
+        hold[LAST] = end
+        hold[STATEMENT] = statement

@@ -390,7 +390,7 @@ def _collapse(text: str) -> str:
     """
     if "?" not in text:
         return text
-    lowered = text.lower()
+    lowered = _lower(text)
     at = _first(lowered, "in (", "in(")
     if at >= 0:
         # One character before the keyword stays in the slice for the lookbehind.
@@ -400,16 +400,31 @@ def _collapse(text: str) -> str:
             text = _collapse_lists(text, _IN_LIST, "(", _CLOSE_PAREN, search_from=start)
         if text.find("((", start) >= 0 or text.find("( (", start) >= 0:
             text = _collapse_lists(text, _IN_TUPLE, "(", _CLOSE_PAREN, search_from=start)
-        lowered = text.lower()
+        lowered = _lower(text)
     at = lowered.find("values")
     if at >= 0:
         start = max(at - 1, 0)
         text = text[:start] + _VALUES.sub(_first_row, text[start:])
-        lowered = text.lower()
+        lowered = _lower(text)
     at = lowered.find("array")
     if at >= 0:
         text = _collapse_lists(text, _ARRAY_LIST, "[", _CLOSE_BRACKET, search_from=at)
     return text
+
+
+#: ASCII letters to lowercase (the keywords searched for are ASCII).
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _lower(text: str) -> str:
+    """``text`` lowercased with every index kept, for finding keywords in ``text``.
+
+    ``str.lower`` is fast, but one character lowercases to two (U+0130, ``İ``, to
+    ``i̇``), which would shift every later index; when the length changed, only the
+    ASCII letters are lowercased instead (slower, and rare).
+    """
+    lowered = text.lower()
+    return lowered if len(lowered) == len(text) else text.translate(_ASCII_LOWER)
 
 
 def _first(lowered: str, word: str, other: str) -> int:
@@ -534,7 +549,7 @@ def _select_table(text: str, pos: int) -> str:
     """The table of the shallowest FROM that names one (a derived table stands for its own)."""
     # The scan starts at the first "from" (a str.find is cheaper than the regex's own
     # search for a candidate letter); parentheses are still counted from `pos`.
-    first_from = text.lower().find("from", pos)
+    first_from = _lower(text).find("from", pos)
     if first_from < 0:
         return ""
     best = ""

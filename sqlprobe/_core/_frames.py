@@ -42,7 +42,7 @@ from typing import Any
 
 from ._hold import describe_code
 
-__all__ = ["DEMO_MODULES", "LIBRARY_PACKAGES", "SourceFinder"]
+__all__ = ["DEMO_MODULES", "FRAMES_BY_MODULE_NAME", "LIBRARY_PACKAGES", "SourceFinder"]
 
 #: Modules of sqlprobe that are application code: ``sqlprobe demo``'s workload.
 DEMO_MODULES = ("cli.py", "_scenario.py", "_loading.py")
@@ -85,6 +85,11 @@ LIBRARY_PACKAGES: frozenset[str] = frozenset(
 #: Frames inspected per greenlet, and greenlet hops, before the walk gives up.
 MAX_FRAMES = 256
 MAX_GREENLET_HOPS = 8
+
+#: ``sys._getframemodulename`` (Python 3.12+): a frame's module without a frame object.
+_getframemodulename: Callable[[int], str | None] | None = getattr(sys, "_getframemodulename", None)
+#: Whether :meth:`SourceFinder.locate_caller` skips library frames by module name.
+FRAMES_BY_MODULE_NAME = _getframemodulename is not None
 
 #: Decisions cached per file name; cleared when full (the set of loaded files is
 #: small in practice, the bound is for the pathological case).
@@ -136,6 +141,8 @@ class SourceFinder:
         #: for all its frames); bounded together by MAX_CACHED_FILES
         self._libraries: set[CodeType] = set()
         self._applications: set[CodeType] = set()
+        #: module name -> whether it is a library's (Python 3.12+, locate_caller)
+        self._modules: dict[str, bool] = {}
 
     def is_library(self, frame: FrameType) -> bool:
         """Whether ``frame`` belongs to sqlprobe, SQLAlchemy, the stdlib or a driver."""
@@ -230,6 +237,51 @@ class SourceFinder:
             greenlet = parent
             frame = getattr(parent, "gr_frame", None)
             hops += 1
+
+    def locate_caller(self, depth: int) -> tuple[CodeType | None, int]:
+        """:meth:`locate` from the frame ``depth`` levels above the caller of this method.
+
+        On Python 3.12 and later, the frames between are skipped by their module's name
+        (``sys._getframemodulename``, which reads the interpreter's frames without
+        making a frame object of each): a module judged a library's once, by its file,
+        is skipped without a frame object, and only the application's frame is made
+        into one (``sys._getframe``) and checked by its code object as :meth:`locate`
+        does. A frame whose module cannot be named (module-level code, a module not in
+        ``sys.modules``) ends the skipping; :meth:`locate` carries on from there. On
+        Python 3.11 this is :meth:`locate` of ``sys._getframe(depth + 1)``.
+        """
+        d = depth + 1  # this method's own frame is 0
+        modulename = _getframemodulename
+        if modulename is not None:
+            modules = self._modules
+            while True:
+                name = modulename(d)  # None: module-level code, or past the stack's end
+                if name is None:
+                    break
+                library = modules.get(name)
+                if library is None:
+                    library = self._judge_module(name)
+                if not library:
+                    break
+                d += 1
+        try:
+            frame: FrameType | None = sys._getframe(d)
+        except ValueError:  # past the end of this stack: locate() crosses greenlets
+            frame = None
+        return self.locate(frame)
+
+    def _judge_module(self, name: str) -> bool:
+        """Whether module ``name`` is a library's, by its file (False: look at the frame)."""
+        module = sys.modules.get(name)
+        filename = getattr(module, "__file__", None)
+        if not isinstance(filename, str) or filename.startswith("<"):
+            return False  # undecided here: the frame itself is judged by locate()
+        decision = self._decide(filename, name.partition(".")[0])
+        with self._lock:
+            if len(self._modules) >= MAX_CACHED_FILES:
+                self._modules.clear()
+            self._modules[name] = decision
+        return decision
 
     def _learn(self, frame: FrameType) -> bool:
         """Judge a code object seen for the first time; True when it is a library's."""

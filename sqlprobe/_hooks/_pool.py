@@ -115,7 +115,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import AssertionPool, Pool, QueuePool, StaticPool
 
-from .._core._frames import SourceFinder
+from .._core._frames import FRAMES_BY_MODULE_NAME, SourceFinder
 from .._core._hold import (
     BEGUN,
     BEGUN_SECONDS,
@@ -545,71 +545,79 @@ class PoolHooks:
         settle = self._settle
         buffered = pending is not None
 
-        def checked_in(record: Any) -> None:
-            # The whole check-in, inline: it runs once per checkout.
-            try:
-                state = record.__dict__
-                hold = state.pop(out_key, None)
-                # A transaction still open here ended without SQLAlchemy rolling it
-                # back through the dialect (e.g. an asyncio connection collected by
-                # the garbage collector): the database rolls it back.
-                if txn_key in state:
-                    sink.transaction("rollback", perf_counter() - state.pop(txn_key))
-                if record.dbapi_connection is None:
-                    with lock:
-                        emptied[record] = time.time()
-                if hold is not None:
-                    now = perf_counter()
-                    use = now - hold[0]  # START
-                    held.pop(id(hold), None)
-                    idle = use - hold[6]  # SECONDS
-                    if idle < 0.0:
-                        idle = 0.0
-                    unit = hold[5]  # UNIT
-                    if unit is not None:
-                        unit.statements += hold[STATEMENTS]
-                        unit.seconds += hold[SECONDS]
-                        unit.wait += hold[WAIT]
-                        hold[UNIT] = None
-                    if buffered:
-                        use_append(use)
-                        idle_append(idle)
-                        if len(uses) >= SETTLE_AT:
-                            settle()
-                    else:
-                        checkin(use)
-                        if idle_sink is not None:
-                            idle_sink(idle)
-                    if (
-                        report is not None
-                        and (use >= hold_threshold or hold[12] >= txn_threshold)  # TXN_IDLE
-                        and not hold[REPORTED]
-                    ):
-                        report(hold, now, use, idle)
-            except Exception:
-                contain("pool")
+        def make_checked_in(
+            previous: Callable[[Any], None] | None,
+            unbound: Callable[[Any, Any], None] | None,
+            pool_ref: Callable[[], Any],
+        ) -> Callable[[Any], None]:
+            """The whole check-in in one function; with ``unbound``, it is also the
+            pool's ``_return_conn`` and calls the one it replaced at its end."""
+
+            def checked_in(record: Any) -> None:
+                if hooks._active:
+                    try:
+                        state = record.__dict__
+                        hold = state.pop(out_key, None)
+                        # A transaction still open here ended without SQLAlchemy rolling
+                        # it back through the dialect (e.g. an asyncio connection collected
+                        # by the garbage collector): the database rolls it back.
+                        if txn_key in state:
+                            sink.transaction("rollback", perf_counter() - state.pop(txn_key))
+                        if record.dbapi_connection is None:
+                            with lock:
+                                emptied[record] = time.time()
+                        if hold is not None:
+                            now = perf_counter()
+                            use = now - hold[0]  # START
+                            held.pop(id(hold), None)
+                            idle = use - hold[6]  # SECONDS
+                            if idle < 0.0:
+                                idle = 0.0
+                            unit = hold[5]  # UNIT
+                            if unit is not None:
+                                unit.statements += hold[STATEMENTS]
+                                unit.seconds += hold[SECONDS]
+                                unit.wait += hold[WAIT]
+                                hold[UNIT] = None
+                            if buffered:
+                                use_append(use)
+                                idle_append(idle)
+                                if len(uses) >= SETTLE_AT:
+                                    settle()
+                            else:
+                                checkin(use)
+                                if idle_sink is not None:
+                                    idle_sink(idle)
+                            if (
+                                report is not None
+                                and (use >= hold_threshold or hold[12] >= txn_threshold)
+                                and not hold[REPORTED]
+                            ):  # hold[12]: TXN_IDLE
+                                report(hold, now, use, idle)
+                    except Exception:
+                        contain("pool")
+                if unbound is None:
+                    return  # the checkin event's listener
+                if previous is not None:
+                    previous(record)
+                else:
+                    unbound(pool_ref(), record)
+
+            return checked_in
+
+        listener_checked_in = make_checked_in(None, None, lambda: None)
 
         def on_checkin(dbapi_connection: Any, record: Any) -> None:
-            checked_in(record)
+            listener_checked_in(record)
 
         if _RETURN_CONN_HOOK:
             # Check-ins are seen by wrapping the pool instance's ``_return_conn``, which
             # ``_ConnectionRecord.checkin`` calls right after the ``checkin`` event: the
             # same moment, without the event's dispatch (about 1 µs per checkout).
             def checkin_hook(pool: Pool) -> Callable[[Any], None]:
-                previous = vars(pool).get("_return_conn")
-                unbound = type(pool)._return_conn
-                ref = weakref.ref(pool)
-
-                def _return_conn(record: Any) -> None:
-                    if hooks._active:
-                        checked_in(record)
-                    if previous is not None:
-                        previous(record)
-                    else:
-                        unbound(ref(), record)  # type: ignore[arg-type]
-
-                return _return_conn
+                return make_checked_in(
+                    vars(pool).get("_return_conn"), type(pool)._return_conn, weakref.ref(pool)
+                )
 
             self._checkin_hook = checkin_hook
 
@@ -738,6 +746,8 @@ class PoolHooks:
         held = self._holds
         peak = self._peak
         locate = self._finder.locate
+        locate_caller = self._finder.locate_caller
+        by_module = FRAMES_BY_MODULE_NAME
         get_scope = current_scope_getter()
         getframe = sys._getframe
         open_unit = self._open_unit
@@ -778,7 +788,10 @@ class PoolHooks:
                 if out_key not in state:
                     if wait >= wait_threshold and exhausted is not None:
                         exhausted(wait, False)
-                    code, lasti = locate(getframe(1))
+                    if by_module:  # Python 3.12+: see SourceFinder.locate_caller
+                        code, lasti = locate_caller(1)  # the caller of pool.connect
+                    else:
+                        code, lasti = locate(getframe(1))
                     scope = get_scope()
                     unit = None
                     if scope is not None:

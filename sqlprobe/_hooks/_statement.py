@@ -20,9 +20,11 @@ returned True. So:
 * a failed statement is seen in the wrapper itself, with the driver's exception; the
   collector names it by the class the application will receive.
 
-Each wrapper times exactly the driver call and hands the statement to the collector.
-What is fixed per engine (the original method, the collector's entry points, the
-sqlcommenter's rewrite) is bound at attach; the body reads only closure variables.
+Each wrapper times exactly the driver call and accounts for the statement in the same
+function: the collector builds it (``Collector.timed``), so that a statement costs one
+call of ours there, not a hook that then calls the collector. What is fixed per engine
+(the original method, the collector's sinks, the sqlcommenter's rewrite) is bound at
+attach; the body reads only closure variables.
 The same body serves all three methods and all option sets; sqlcommenter, when on, is
 a ``rewrite`` step applied to the text sent to the driver (the collector still sees
 the original text, so commented variants never multiply cache entries or shapes).
@@ -41,37 +43,15 @@ break its chain), ours are left in place as pass-throughs that measure nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from time import perf_counter
 from typing import Any
 
 from .._core._collector import Collector
-from .._core._hold import LAST, SECONDS, STATEMENT, STATEMENTS
 from ._shadow import shadow
 
 __all__ = ["Rewrite", "wrap_execution"]
 
-# The statement path writes a hold's fields by literal index (no global lookups).
-assert (SECONDS, STATEMENTS, LAST, STATEMENT) == (6, 7, 8, 9)
-
 #: sqlcommenter: the text to send for a statement text; never raises.
 Rewrite = Callable[[str], str]
-
-
-def _ignore_ok(*_args: Any) -> None:
-    return None
-
-
-def _held(context: Any, key: str, statement: str, start: float, end: float) -> None:
-    """Add a failed statement to its checkout's hold (the database did the work)."""
-    try:
-        hold = context._dbapi_connection._connection_record.__dict__.get(key)
-    except Exception:
-        return
-    if hold is not None:
-        hold[SECONDS] += end - start
-        hold[STATEMENTS] += 1
-        hold[LAST] = end
-        hold[STATEMENT] = statement
 
 
 def wrap_execution(
@@ -86,45 +66,25 @@ def wrap_execution(
 
     ``rewrite`` (``rewrite_no_params`` for ``do_execute_no_params``, where a ``%`` needs
     no escaping) changes the text sent to the driver. ``hold_key`` names the checkout's
-    hold on the connection record (empty: none is kept).
+    hold on the connection record (empty: none is kept). The timed bodies are the
+    collector's (:meth:`~.._core._collector.Collector.timed`): the statement is timed
+    and accounted for in one function.
     """
-    observe: Callable[..., None] = collector.observe
-    failed: Callable[..., None] = collector.failed
-    key = hold_key
-
-    def timed(original: Callable[..., Any], batched: bool, rewrite: Rewrite | None) -> Any:
-        def execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
-            sent = statement if rewrite is None else rewrite(statement)
-            batch = len(parameters) if batched else 0
-            start = perf_counter()
-            try:
-                original(cursor, sent, parameters, context)
-            except BaseException as exc:
-                end = perf_counter()
-                failed(statement, start, end, context, parameters, batch, exc)
-                _held(context, key, statement, start, end)
-                raise
-            end = perf_counter()
-            observe(statement, start, end, cursor, context, parameters, batch)
-            try:
-                hold = context._dbapi_connection._connection_record.__dict__.get(key)
-            except AttributeError:  # no context, or a connection detached from its pool
-                return
-            if hold is not None:  # see _core._hold: SECONDS, STATEMENTS, LAST, STATEMENT
-                hold[6] += end - start
-                hold[7] += 1
-                hold[8] = end
-                hold[9] = statement
-
-        return execute
-
-    do_execute = timed(dialect.do_execute, False, rewrite)
-    do_executemany = timed(dialect.do_executemany, True, rewrite)
+    live = [True]
+    timed = collector.timed
+    do_execute = timed(
+        dialect.do_execute, batched=False, rewrite=rewrite, hold_key=hold_key, live=live
+    )
+    do_executemany = timed(
+        dialect.do_executemany, batched=True, rewrite=rewrite, hold_key=hold_key, live=live
+    )
     no_params = dialect.do_execute_no_params
     execute_no_params = timed(
         lambda cursor, statement, _parameters, context: no_params(cursor, statement, context),
-        False,
-        rewrite_no_params,
+        batched=False,
+        rewrite=rewrite_no_params,
+        hold_key=hold_key,
+        live=live,
     )
 
     def do_execute_no_params(cursor: Any, statement: str, context: Any) -> None:
@@ -137,8 +97,7 @@ def wrap_execution(
     ]
 
     def undo() -> None:
-        nonlocal observe, failed
         if not all([u() for u in undos]):
-            observe = failed = _ignore_ok  # wrapped by someone since: pass through
+            live[0] = False  # wrapped by someone since: pass through
 
     return undo
