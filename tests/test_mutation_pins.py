@@ -1595,3 +1595,39 @@ def test_a_connect_failing_outside_the_driver_is_no_connect_error(
         assert errors == {"OperationalError": 1}
     finally:
         engine.dispose()
+
+
+def test_a_failed_commit_is_statement_time_of_the_checkout(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """A COMMIT that fails after 50 ms counts in the unit's database time, not in idle time."""
+    import sqlite3
+
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'failslow.db'}", poolclass=QueuePool)
+    commit = engine.dialect.do_commit
+
+    def slow_failure(connection: Any) -> None:  # a driver whose COMMIT fails after 50 ms
+        time.sleep(0.05)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    engine.dialect.do_commit = slow_failure  # type: ignore[method-assign]
+    try:
+        sqlprobe.attach(engine, registry=registry, name="failslow")
+        with sqlprobe.scope("failslow"), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            with pytest.raises(Exception, match="disk I/O error"):
+                conn.commit()
+
+        def value(name: str, **labels: str) -> float:
+            return registry.get_sample_value(name, {"engine": "failslow", **labels}) or 0.0
+
+        use = value("sqlprobe_pool_connection_use_seconds_sum")
+        idle = value("sqlprobe_pool_connection_idle_seconds_sum")
+        db = value("sqlprobe_scope_db_seconds_sum", route="failslow")
+        assert 0.05 <= db <= use
+        assert idle == pytest.approx(use - db, abs=1e-6)
+    finally:
+        engine.dialect.do_commit = commit  # type: ignore[method-assign]
+        engine.dispose()
