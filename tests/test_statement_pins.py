@@ -8,6 +8,7 @@ each test fails for a one-line change of ``Collector.timed``, ``Collector.failed
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import pytest
@@ -479,3 +480,52 @@ def test_a_statement_starting_exactly_at_the_trace_gate_is_traced(
     )
     made.timed(lambda *args: None, batched=False)(Cursor(), "SELECT 1", (), Context())
     assert traced == [1000.0]
+
+
+# -- the hold across transactions (pool hooks; survivors of the pool target) -------------
+
+SLOW = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) "
+    "SELECT count(*) FROM c"
+)
+
+
+def test_each_transaction_of_a_checkout_has_its_own_idle_time(engine: Engine) -> None:
+    """Idle in transaction counts only the transaction's own time without a statement."""
+    from sqlprobe._core._hold import BEGUN, TXN_IDLE
+
+    probe = sqlprobe.attach(engine, registry=CollectorRegistry())
+    try:
+        with engine.connect() as conn:
+            hold = _hold(conn)
+            trans = conn.begin()  # busy: a slow statement, no idle time to speak of
+            conn.exec_driver_sql(SLOW)
+            statement_end = hold[LAST]
+            trans.commit()
+            assert hold[LAST] > statement_end  # the COMMIT is statement time: its end
+            first = hold[TXN_IDLE]
+            assert hold[BEGUN] is None
+            assert 0.0 <= first < 0.1
+            end_of_commit = hold[LAST]
+            assert end_of_commit > 0.0
+            with conn.begin():  # idle: a sleep between two quick statements
+                conn.exec_driver_sql("SELECT 1")
+                time.sleep(0.3)
+                conn.exec_driver_sql("SELECT 2")
+            assert hold[BEGUN] is None
+            assert hold[LAST] > end_of_commit  # the COMMIT's end
+            # The first transaction's slow statement (about 0.4 s) is not in it.
+            assert 0.25 <= hold[TXN_IDLE] < 1.5
+            idle = hold[TXN_IDLE]
+            with conn.begin():  # busy again: the most idle transaction is kept
+                conn.exec_driver_sql("SELECT 1")
+            assert hold[TXN_IDLE] == idle
+            before = hold[LAST]
+            trans = conn.begin()
+            conn.exec_driver_sql("SELECT 3")
+            statement_end = hold[LAST]
+            assert statement_end > before
+            trans.rollback()
+            assert hold[BEGUN] is None and hold[LAST] > statement_end  # the ROLLBACK's end
+    finally:
+        probe.detach()
