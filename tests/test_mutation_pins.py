@@ -1631,3 +1631,28 @@ def test_a_failed_commit_is_statement_time_of_the_checkout(
     finally:
         engine.dialect.do_commit = commit  # type: ignore[method-assign]
         engine.dispose()
+
+
+def test_a_refused_connect_beside_otel_pool_metrics_counts_one_connect_error(
+    registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """With OTel pool metrics too, a connect the database refuses is one connect error."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from sqlalchemy import exc as sa_exc
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    # Nothing listens on port 1: the driver's connect fails at once.
+    engine = create_engine(
+        "postgresql+psycopg://postgres@127.0.0.1:1/test", connect_args={"connect_timeout": 2}
+    )
+    try:
+        sqlprobe.attach(engine, registry=registry, name="refused_otel", meter_provider=provider)
+        for _ in range(2):
+            with pytest.raises(sa_exc.OperationalError):
+                engine.connect()
+        labels = {"engine": "refused_otel", "error": "OperationalError"}
+        assert registry.get_sample_value("sqlprobe_pool_connect_errors_total", labels) == 2
+    finally:
+        engine.dispose()
+        provider.shutdown()
