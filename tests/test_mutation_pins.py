@@ -849,21 +849,26 @@ class _Raising:
     transaction = statement_failed = idle = unit = checked_in = exhausted = _fail
 
 
-def test_every_pool_sink_failure_is_contained_as_stage_pool(tmp_path: Path) -> None:
-    """A sink that raises in each pool hook is contained, always as stage "pool"."""
+def _pool_hooks(path: Path) -> tuple[Any, Any, list[Any]]:
+    """A one-connection QueuePool on a SQLite file, its PoolHooks (not installed) and the
+    stages they contain."""
     from sqlalchemy.pool import QueuePool
 
     from sqlprobe._hooks._pool import PoolHooks
 
     engine = create_engine(
-        f"sqlite:///{tmp_path / 'contain.db'}",
-        poolclass=QueuePool,
-        pool_size=1,
-        max_overflow=0,
-        pool_timeout=0.01,
+        f"sqlite:///{path}", poolclass=QueuePool, pool_size=1, max_overflow=0, pool_timeout=0.01
     )
     stages: list[Any] = []
     hooks = PoolHooks(engine, contain=stages.append, error_name=lambda exc: type(exc).__name__)
+    return engine, hooks, stages
+
+
+def test_every_pool_sink_failure_is_contained_as_stage_pool(tmp_path: Path) -> None:
+    """A sink that raises in each pool hook is contained, always as stage "pool"."""
+    from sqlprobe._hooks._pool import PoolHooks
+
+    engine, hooks, stages = _pool_hooks(tmp_path / "contain.db")
     raising = _Raising()
     undo = hooks.install(raising, raising, raising)
     try:
@@ -1196,20 +1201,9 @@ class _PoolRecorder:
 
 def test_checkouts_over_a_threshold_are_reported_at_check_in(tmp_path: Path) -> None:
     """Check-in reports a hold over hold_threshold or idle in a transaction over its own."""
-    from sqlalchemy.pool import QueuePool
-
     from sqlprobe._core._hold import TXN_IDLE
-    from sqlprobe._hooks._pool import PoolHooks
 
-    engine = create_engine(
-        f"sqlite:///{tmp_path / 'report.db'}",
-        poolclass=QueuePool,
-        pool_size=1,
-        max_overflow=0,
-        pool_timeout=0.01,
-    )
-    stages: list[Any] = []
-    hooks = PoolHooks(engine, contain=stages.append, error_name=lambda exc: type(exc).__name__)
+    engine, hooks, stages = _pool_hooks(tmp_path / "report.db")
     recorder = _PoolRecorder(hold=0.2, idle_in_transaction=0.05)
     undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
     try:

@@ -75,6 +75,45 @@ def engine(tmp_path: Any) -> Any:
     made.dispose()
 
 
+EXECUTE_METHODS = ("do_execute", "do_executemany", "do_execute_no_params")
+
+
+def spy_on_driver_calls(dialect: Any) -> dict[str, tuple[Any, ...]]:
+    """Wrap the dialect instance's three execution methods (before any attach, so below
+    sqlprobe): the last arguments each of them received, by method name."""
+    reached: dict[str, tuple[Any, ...]] = {}
+
+    def spy(name: str, original: Any) -> Any:
+        def method(*args: Any) -> Any:
+            reached[name] = args
+            return original(*args)
+
+        return method
+
+    for name in EXECUTE_METHODS:
+        setattr(dialect, name, spy(name, getattr(dialect, name)))
+    return reached
+
+
+def run_each_kind(engine: Engine) -> None:
+    """One statement through each execution method, in one transaction."""
+    with engine.begin() as conn:
+        conn.execute(text("SELECT v FROM t WHERE id = :i"), {"i": 1})
+        conn.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 1}, {"v": 2}])
+        conn.execution_options(no_parameters=True).exec_driver_sql("SELECT 3")
+
+
+def assert_each_kind_reached_with_its_context(reached: dict[str, tuple[Any, ...]]) -> None:
+    """The driver calls of ``run_each_kind`` got their text, parameters and real context."""
+    cursor, statement, parameters, context = reached["do_execute"]
+    assert statement == "SELECT v FROM t WHERE id = ?" and parameters == (1,)
+    assert context is not None and context.cursor is cursor
+    cursor, statement, parameters, context = reached["do_executemany"]
+    assert parameters == [(1,), (2,)] and context is not None and context.cursor is cursor
+    cursor, statement, context = reached["do_execute_no_params"]
+    assert statement == "SELECT 3" and context is not None and context.cursor is cursor
+
+
 def _hold(conn: Any) -> list[Any]:
     record = conn.connection._connection_record
     (hold,) = [v for k, v in vars(record).items() if k.startswith("_sqlprobe_out_")]
@@ -123,35 +162,13 @@ def test_every_statement_kind_adds_its_time_count_end_and_text_to_the_hold(
 
 def test_the_execution_context_reaches_the_dialect_methods_it_wraps(engine: Engine) -> None:
     """The wrapped do_execute / do_executemany / do_execute_no_params get the real context."""
-    dialect = engine.dialect
-    seen: dict[str, Any] = {}
-
-    def spy(name: str) -> Any:
-        original = getattr(dialect, name)
-
-        def method(*args: Any) -> Any:
-            seen[name] = args
-            return original(*args)
-
-        return method
-
-    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
-        setattr(dialect, name, spy(name))
+    seen = spy_on_driver_calls(engine.dialect)
     probe = sqlprobe.attach(engine, registry=CollectorRegistry())
     try:
-        with engine.begin() as conn:
-            conn.execute(text("SELECT v FROM t WHERE id = :i"), {"i": 1})
-            conn.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 1}, {"v": 2}])
-            conn.execution_options(no_parameters=True).exec_driver_sql("SELECT 2")
+        run_each_kind(engine)
     finally:
         probe.detach()
-    cursor, statement, parameters, context = seen["do_execute"]
-    assert statement == "SELECT v FROM t WHERE id = ?" and parameters == (1,)
-    assert context is not None and context.cursor is cursor
-    cursor, statement, parameters, context = seen["do_executemany"]
-    assert parameters == [(1,), (2,)] and context is not None and context.cursor is cursor
-    cursor, statement, context = seen["do_execute_no_params"]
-    assert statement == "SELECT 2" and context is not None and context.cursor is cursor
+    assert_each_kind_reached_with_its_context(seen)
 
 
 def test_hooks_left_in_place_by_detach_pass_every_argument_through_and_count_nothing(
@@ -159,20 +176,8 @@ def test_hooks_left_in_place_by_detach_pass_every_argument_through_and_count_not
 ) -> None:
     """Wrapped by someone after attach, detach leaves pass-throughs that measure nothing."""
     dialect = engine.dialect
-    names = ("do_execute", "do_executemany", "do_execute_no_params")
-    reached: dict[str, tuple[Any, ...]] = {}
-
-    def spy(name: str) -> Any:  # below sqlprobe: what the driver call receives
-        original = getattr(dialect, name)
-
-        def method(*args: Any) -> Any:
-            reached[name] = args
-            return original(*args)
-
-        return method
-
-    for name in names:
-        setattr(dialect, name, spy(name))
+    names = EXECUTE_METHODS
+    reached = spy_on_driver_calls(dialect)  # below sqlprobe: what the driver call receives
     registry = CollectorRegistry()
     probe = sqlprobe.attach(engine, registry=registry, name="pins")
 
@@ -184,29 +189,17 @@ def test_hooks_left_in_place_by_detach_pass_every_argument_through_and_count_not
             if s.name == "sqlprobe_statement_calls_total" and s.labels.get("engine") == "pins"
         )
 
-    def workload() -> None:
-        with engine.begin() as conn:
-            conn.execute(text("SELECT v FROM t WHERE id = :i"), {"i": 1})
-            conn.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 1}, {"v": 2}])
-            conn.execution_options(no_parameters=True).exec_driver_sql("SELECT 3")
-
     for name in names:  # someone wraps sqlprobe's hooks after attach
         ours = getattr(dialect, name)
         setattr(dialect, name, lambda *args, _ours=ours: _ours(*args))
-    workload()
+    run_each_kind(engine)
     assert counted() == 3
     probe.detach()
     assert all(getattr(dialect, name).__name__ == "<lambda>" for name in names)
     reached.clear()
-    workload()
+    run_each_kind(engine)
     assert counted() == 3  # totals kept, nothing more counted
-    cursor, statement, parameters, context = reached["do_execute"]
-    assert statement == "SELECT v FROM t WHERE id = ?" and parameters == (1,)
-    assert context is not None and context.cursor is cursor
-    cursor, statement, parameters, context = reached["do_executemany"]
-    assert parameters == [(1,), (2,)] and context is not None and context.cursor is cursor
-    cursor, statement, context = reached["do_execute_no_params"]
-    assert statement == "SELECT 3" and context is not None and context.cursor is cursor
+    assert_each_kind_reached_with_its_context(reached)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM t")).scalar() == 4
     for name in names:
@@ -215,28 +208,13 @@ def test_hooks_left_in_place_by_detach_pass_every_argument_through_and_count_not
 
 def test_sqlcommenter_comments_every_kind_of_statement(engine: Engine) -> None:
     """With sqlcommenter on, execute, executemany and no-parameter statements carry it."""
-    dialect = engine.dialect
-    sent: dict[str, str] = {}
-
-    def spy(name: str) -> Any:
-        original = getattr(dialect, name)
-
-        def method(cursor: Any, statement: str, *rest: Any) -> Any:
-            sent[name] = statement
-            return original(cursor, statement, *rest)
-
-        return method
-
-    for name in ("do_execute", "do_executemany", "do_execute_no_params"):
-        setattr(dialect, name, spy(name))
+    reached = spy_on_driver_calls(engine.dialect)
     probe = sqlprobe.attach(engine, registry=CollectorRegistry(), sqlcommenter="static")
     try:
-        with engine.begin() as conn:
-            conn.execute(text("SELECT v FROM t WHERE id = :i"), {"i": 1})
-            conn.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": 1}, {"v": 2}])
-            conn.execution_options(no_parameters=True).exec_driver_sql("SELECT 3")
+        run_each_kind(engine)
     finally:
         probe.detach()
+    sent = {name: args[1] for name, args in reached.items()}
     assert sent["do_execute"].startswith("SELECT v FROM t WHERE id = ? /*")
     assert sent["do_executemany"].startswith("INSERT INTO t (v) VALUES (?) /*")
     assert sent["do_execute_no_params"].startswith("SELECT 3 /*")
