@@ -188,41 +188,44 @@ def count(variant: str, loop: str, n: int, path: str) -> int:
         os.makedirs(tmp, exist_ok=True)
         out = os.path.join(scratch, "callgrind.out")
         flag = os.path.join(scratch, "go")
-        shutil.copyfile(path, os.path.join(tmp, "bench.db"))
-        path = os.path.join(tmp, "bench.db")
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
-        worker = subprocess.Popen(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--instr-atstart=no",
-                "--toggle-collect=dropwhile_next",
-                f"--callgrind-out-file={out}",
-                sys.executable,
-                __file__,
-                "--worker",
-                variant,
-                loop,
-                str(n),
-                path,
-                flag,
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert worker.stdout is not None
-        control = ["callgrind_control", "-i"]
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True}
-        assert worker.stdout.readline().strip() == "READY", "the worker did not start"
-        subprocess.run([*control, "on", str(worker.pid)], **quiet)  # type: ignore[call-overload]
-        open(flag, "w").close()
-        assert worker.stdout.readline().strip() == "DONE", "the worker did not finish"
-        subprocess.run([*control, "off", str(worker.pid)], **quiet)  # type: ignore[call-overload]
-        open(flag + ".off", "w").close()
-        if worker.wait() != 0:
-            raise RuntimeError(f"worker {variant} {loop} {n} failed")
+        try:
+            shutil.copyfile(path, os.path.join(tmp, "bench.db"))
+            path = os.path.join(tmp, "bench.db")
+            env = {**os.environ, "PYTHONHASHSEED": "0"}
+            worker = subprocess.Popen(
+                [
+                    "valgrind",
+                    "--tool=callgrind",
+                    "--instr-atstart=no",
+                    "--toggle-collect=dropwhile_next",
+                    f"--callgrind-out-file={out}",
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    variant,
+                    loop,
+                    str(n),
+                    path,
+                    flag,
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            assert worker.stdout is not None
+            control = ["callgrind_control", "-i"]
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": True}
+            assert worker.stdout.readline().strip() == "READY", "the worker did not start"
+            subprocess.run([*control, "on", str(worker.pid)], **quiet)  # type: ignore[call-overload]
+            open(flag, "w").close()
+            assert worker.stdout.readline().strip() == "DONE", "the worker did not finish"
+            subprocess.run([*control, "off", str(worker.pid)], **quiet)  # type: ignore[call-overload]
+            open(flag + ".off", "w").close()
+            if worker.wait() != 0:
+                raise RuntimeError(f"worker {variant} {loop} {n} failed")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a fixed name: leave nothing behind
         with open(out) as f:
             text = f.read()
     match = re.search(r"^totals:\s+(\d+)", text, re.M)
