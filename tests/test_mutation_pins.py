@@ -1650,3 +1650,340 @@ def test_a_refused_connect_beside_otel_pool_metrics_counts_one_connect_error(
     finally:
         engine.dispose()
         provider.shutdown()
+
+
+# ------------------------------------------------ pool hooks: the third run's survivors
+
+
+def test_a_stale_connection_closed_after_a_pool_wide_invalidation_is_contained(
+    tmp_path: Path,
+) -> None:
+    """A pool-wide invalidation: the stale connection closed later counts once, contained."""
+    from sqlalchemy import event
+    from sqlalchemy.pool import QueuePool
+
+    from sqlprobe._hooks._pool import PoolHooks
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'stale.db'}", poolclass=QueuePool, pool_size=2)
+
+    @event.listens_for(engine, "handle_error")
+    def as_disconnect(context: Any) -> None:
+        context.is_disconnect = True  # invalidates the pool: every older connection
+
+    class FailsToCount(_PoolRecorder):
+        def invalidated(self) -> None:
+            raise RuntimeError("sink bug")
+
+    stages: list[Any] = []
+    recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
+    failing_sink = FailsToCount(hold=60.0, idle_in_transaction=60.0)
+    for sink in (recorder, failing_sink):
+        hooks = PoolHooks(engine, contain=stages.append, error_name=lambda exc: "E")
+        undo = hooks.install(sink, sink, sink)  # type: ignore[arg-type]
+        try:
+            with engine.connect() as older, engine.connect() as failing:
+                older.execute(text("SELECT 1"))
+                time.sleep(0.01)  # the pool's invalidation time lies after older's connect
+                with pytest.raises(Exception, match="no such table"):
+                    failing.execute(text("SELECT * FROM missing"))
+            assert len(stages) == (sink is failing_sink)  # the failing connection's
+            with engine.connect() as conn, engine.connect() as other:
+                conn.execute(text("SELECT 1"))  # the older one closed, then reopened
+                other.execute(text("SELECT 1"))
+        finally:
+            undo()
+            engine.dispose()
+        assert stages == (["pool", "pool"] if sink is failing_sink else [])
+        stages.clear()
+    invalidated = [c for c in recorder.calls if c[0] == "invalidated"]
+    assert len(invalidated) == 2  # the failing connection, and the older one at its close
+
+
+def test_an_invalidated_connection_still_out_is_no_longer_in_a_transaction(
+    tmp_path: Path,
+) -> None:
+    """A connection invalidated while out, in a transaction, leaves its hold outside one."""
+    from sqlprobe._core._hold import in_transaction
+
+    engine, hooks, stages = _pool_hooks(tmp_path / "invalid.db")
+    recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            (hold,) = hooks.holders()
+            assert in_transaction(hold)
+            # The record's own invalidate (what a pool event handler may call): the
+            # checkout stays out, its transaction is gone with the DBAPI connection.
+            conn.connection._connection_record.invalidate()
+            assert hooks.holders() == [hold]
+            assert not in_transaction(hold)
+            conn.invalidate()
+        rollbacks = [c for c in recorder.calls if c[:2] == ("transaction", "rollback")]
+        assert len(rollbacks) == 1
+        assert stages == []
+    finally:
+        undo()
+        engine.dispose()
+
+
+def test_slots_emptied_in_a_replaced_queue_pool_do_not_count_against_the_new_one(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """An invalidated slot of the pool dispose() replaced leaves the new pool's idle alone."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'slots.db'}", poolclass=QueuePool)
+    try:
+        sqlprobe.attach(engine, registry=registry, name="slots")
+        old = engine.pool  # kept, with its records, by a connection still out of it
+        conn = engine.connect()
+        engine.dispose()
+        conn.invalidate()  # goes back to the old pool, emptied
+        conn.close()
+        with engine.connect() as new:
+            new.execute(text("SELECT 1"))
+        labels = {"engine": "slots", "state": "idle"}
+        assert registry.get_sample_value("sqlprobe_pool_connections", labels) == 1
+        assert old is not engine.pool
+    finally:
+        engine.dispose()
+
+
+def test_connections_of_a_replaced_null_pool_are_skipped_not_stopped_at(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """With ten connections out of a replaced pool and ten of the new, ten count as used."""
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'mixed.db'}", poolclass=NullPool)
+    try:
+        sqlprobe.attach(engine, registry=registry, name="mixed")
+        old = [engine.connect() for _ in range(10)]
+        engine.dispose()
+        new = [engine.connect() for _ in range(10)]
+        # Records are held in a weak set: the first one iterated is an old one in all
+        # but 1 of 184,756 orders, where stopping there would undercount.
+        labels = {"engine": "mixed", "state": "used"}
+        assert registry.get_sample_value("sqlprobe_pool_connections", labels) == 10
+        for conn in old + new:
+            conn.close()
+    finally:
+        engine.dispose()
+
+
+def test_a_checkout_under_an_inert_wrapper_goes_to_the_applications_wrapper(
+    tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    """Detached under a later wrapper, sqlprobe's connect passes to the one it replaced."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'inert.db'}", poolclass=QueuePool)
+    pool = engine.pool
+    calls: list[str] = []
+    before = pool.connect
+
+    def applications() -> Any:
+        calls.append("application")
+        return before()
+
+    pool.connect = applications  # type: ignore[method-assign]
+    probe = sqlprobe.attach(engine, registry=registry, name="inert")
+    ours = pool.connect
+
+    def later() -> Any:
+        calls.append("later")
+        return ours()
+
+    pool.connect = later  # type: ignore[method-assign]
+    probe.detach()
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 7")).scalar() == 7
+        assert calls == ["later", "application"]
+        count = registry.get_sample_value(
+            "sqlprobe_pool_checkout_wait_seconds_count", {"engine": "inert"}
+        )
+        assert not count
+    finally:
+        engine.dispose()
+
+
+def test_hundreds_of_checkouts_settle_their_waits_without_an_internal_error(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """300 checkouts: every wait counted, and settling the pending lists raises nothing."""
+    from sqlalchemy.pool import QueuePool
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'settle.db'}", poolclass=QueuePool)
+    try:
+        sqlprobe.attach(engine, registry=registry, name="settle")
+        for _ in range(300):
+            with engine.connect():
+                pass
+        count = registry.get_sample_value(
+            "sqlprobe_pool_checkout_wait_seconds_count", {"engine": "settle"}
+        )
+        assert count == 300
+        errors = [
+            s
+            for m in registry.collect()
+            if m.name == "sqlprobe_internal_errors"
+            for s in m.samples
+            if s.name.endswith("_total") and s.value
+        ]
+        assert errors == []
+    finally:
+        engine.dispose()
+
+
+def test_holds_beyond_the_bound_are_measured_but_not_tracked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At MAX_HOLDS checkouts out, a further one is not tracked; all are measured."""
+    from sqlalchemy.pool import QueuePool
+
+    from sqlprobe._hooks import _pool
+    from sqlprobe._hooks._pool import PoolHooks
+
+    monkeypatch.setattr(_pool, "MAX_HOLDS", 2)
+    engine = create_engine(f"sqlite:///{tmp_path / 'bound.db'}", poolclass=QueuePool)
+    stages: list[Any] = []
+    hooks = PoolHooks(engine, contain=stages.append, error_name=lambda exc: "E")
+    recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        out = [engine.connect() for _ in range(3)]
+        assert len(hooks.holders()) == 2
+        assert hooks.peak() == 2
+        for conn in out:
+            conn.close()
+        assert hooks.holders() == []
+        assert len([c for c in recorder.calls if c[0] == "checkin"]) == 3
+        assert stages == []
+    finally:
+        undo()
+        engine.dispose()
+
+
+def test_holders_retries_a_copy_that_another_thread_disturbed(tmp_path: Path) -> None:
+    """holders() copies again when the dictionary changed size during the copy."""
+    engine, hooks, _ = _pool_hooks(tmp_path / "retry.db")
+
+    class Disturbed(dict[int, Any]):
+        tries = 0
+
+        def values(self) -> Any:
+            Disturbed.tries += 1
+            if Disturbed.tries == 1:
+                raise RuntimeError("dictionary changed size during iteration")
+            return super().values()
+
+    hooks._holds = Disturbed({1: ["hold"]})
+    assert hooks.holders() == [["hold"]]
+    assert Disturbed.tries == 2
+    engine.dispose()
+
+
+def test_after_fork_forgets_the_parents_checkouts(tmp_path: Path) -> None:
+    """In a forked child the checkouts out in the parent are forgotten, the peak restarts."""
+    engine, hooks, stages = _pool_hooks(tmp_path / "fork.db")
+    recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        conn = engine.connect()
+        assert len(hooks.holders()) == 1
+        hooks.after_fork()
+        assert hooks.holders() == []
+        assert hooks.take_peak() == 0
+        conn.close()
+        assert stages == []
+    finally:
+        undo()
+        engine.dispose()
+
+
+def test_commit_and_rollback_on_a_bare_dbapi_connection_pass_through(tmp_path: Path) -> None:
+    """A dialect's COMMIT or ROLLBACK on a raw DBAPI connection runs; nothing is counted."""
+    engine, hooks, stages = _pool_hooks(tmp_path / "raw.db")
+    recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        raw = engine.dialect.connect(str(tmp_path / "raw.db"))
+        raw.execute("CREATE TABLE r (v INTEGER PRIMARY KEY)")
+        raw.execute("INSERT INTO r VALUES (1)")
+        engine.dialect.do_commit(raw)
+        raw.execute("INSERT INTO r VALUES (2)")
+        engine.dialect.do_rollback(raw)
+        assert raw.execute("SELECT v FROM r").fetchall() == [(1,)]
+        assert [c for c in recorder.calls if c[0] != "pending"] == []
+        raw.execute("PRAGMA foreign_keys = ON")
+        raw.execute("CREATE TABLE c (r INTEGER REFERENCES r (v) DEFERRABLE INITIALLY DEFERRED)")
+        raw.execute("INSERT INTO c VALUES (9)")
+        with pytest.raises(engine.dialect.loaded_dbapi.IntegrityError):
+            engine.dialect.do_commit(raw)  # refused: a failed COMMIT, and no transaction
+        raw.close()
+        assert [c for c in recorder.calls if c[0] != "pending"] == [
+            ("statement_failed", "COMMIT", "IntegrityError")
+        ]
+        assert stages == []
+    finally:
+        undo()
+        engine.dispose()
+
+
+def test_a_side_connection_is_set_up_like_the_applications_and_not_counted(
+    tmp_path: Path,
+) -> None:
+    """side_connection: a new connection outside the pool, through the app's handlers only."""
+    from sqlalchemy import event
+
+    engine, hooks, stages = _pool_hooks(tmp_path / "side.db")
+    seen: list[Any] = []
+
+    @event.listens_for(engine, "connect")
+    def set_up(dbapi_connection: Any, record: Any) -> None:
+        seen.append(dbapi_connection)
+        dbapi_connection.execute("PRAGMA user_version = 42")
+
+    recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        with engine.connect() as pooled:
+            side = hooks.side_connection()
+            try:
+                assert side is not pooled.connection.dbapi_connection
+                assert seen[-1] is side and len(seen) == 2
+                assert side.execute("PRAGMA user_version").fetchone() == (42,)
+                assert engine.pool.checkedout() == 1
+            finally:
+                side.close()
+        assert len([c for c in recorder.calls if c[0] == "connected"]) == 1  # the pooled one
+
+        def refuse(dbapi_connection: Any, record: Any) -> None:
+            seen.append(dbapi_connection)
+            raise RuntimeError("no such schema")
+
+        event.listen(engine, "connect", refuse)
+        with pytest.raises(RuntimeError, match="no such schema"):
+            hooks.side_connection()
+        with pytest.raises(Exception, match="closed"):
+            seen[-1].execute("SELECT 1")  # closed by side_connection
+        assert stages == []
+    finally:
+        undo()
+        engine.dispose()
+
+
+def test_a_side_connection_of_a_collected_engine_is_refused() -> None:
+    """side_connection after the engine was garbage-collected raises, naming why."""
+    import gc
+
+    from sqlprobe._hooks._pool import PoolHooks
+
+    engine = create_engine("sqlite://")
+    hooks = PoolHooks(engine, contain=lambda stage: None, error_name=lambda exc: "E")
+    del engine
+    gc.collect()
+    with pytest.raises(RuntimeError, match=r"^the engine is gone$"):
+        hooks.side_connection()

@@ -399,3 +399,39 @@ def test_gunicorn_workers_name_the_holding_line(tmp_path: Any, unique: str) -> N
         assert event["in_transaction"] is True
         assert event["engine"] == "gunicorn"
     assert len({e["pid"] for e in holds}) >= 1
+
+
+def _check_out(pool: Any) -> Any:
+    return pool.connect()
+
+
+def test_a_checkout_made_by_calling_the_pool_is_attributed_to_its_caller(
+    tmp_path: Any, walk: str
+) -> None:
+    """``pool.connect()`` called by the application: the hold names the calling function."""
+    from sqlprobe._core._hold import CODE
+    from sqlprobe._hooks._pool import PoolHooks
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'caller.db'}")
+    stages: list[str] = []
+    hooks = PoolHooks(engine, contain=stages.append, error_name=lambda exc: "E")
+    undo = hooks.install(_NoSink())  # type: ignore[arg-type]
+    try:
+        connection = _check_out(engine.pool)
+        (hold,) = hooks.holders()
+        assert hold[CODE] is _check_out.__code__
+        connection.close()
+        assert hooks.holders() == []
+        assert stages == []
+    finally:
+        undo()
+        engine.dispose()
+
+
+class _NoSink:
+    """A pool sink that takes every measurement and keeps none."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "pending":
+            raise AttributeError(name)
+        return lambda *args: None
