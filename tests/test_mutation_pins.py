@@ -1721,6 +1721,7 @@ def test_an_invalidated_connection_still_out_is_no_longer_in_a_transaction(
             conn.invalidate()
         rollbacks = [c for c in recorder.calls if c[:2] == ("transaction", "rollback")]
         assert len(rollbacks) == 1
+        assert 0.0 <= rollbacks[0][2] < 5.0  # counted at the invalidation, from the begin
         assert stages == []
     finally:
         undo()
@@ -1772,8 +1773,9 @@ def test_connections_of_a_replaced_null_pool_are_skipped_not_stopped_at(
         engine.dispose()
 
 
-def test_a_checkout_under_an_inert_wrapper_goes_to_the_applications_wrapper(
-    tmp_path: Path, registry: CollectorRegistry
+@pytest.mark.parametrize("below", [True, False])
+def test_a_checkout_under_an_inert_wrapper_goes_to_the_one_it_replaced(
+    tmp_path: Path, registry: CollectorRegistry, below: bool
 ) -> None:
     """Detached under a later wrapper, sqlprobe's connect passes to the one it replaced."""
     from sqlalchemy.pool import QueuePool
@@ -1787,7 +1789,8 @@ def test_a_checkout_under_an_inert_wrapper_goes_to_the_applications_wrapper(
         calls.append("application")
         return before()
 
-    pool.connect = applications  # type: ignore[method-assign]
+    if below:
+        pool.connect = applications  # type: ignore[method-assign]
     probe = sqlprobe.attach(engine, registry=registry, name="inert")
     ours = pool.connect
 
@@ -1800,7 +1803,7 @@ def test_a_checkout_under_an_inert_wrapper_goes_to_the_applications_wrapper(
     try:
         with engine.connect() as conn:
             assert conn.execute(text("SELECT 7")).scalar() == 7
-        assert calls == ["later", "application"]
+        assert calls == (["later", "application"] if below else ["later"])
         count = registry.get_sample_value(
             "sqlprobe_pool_checkout_wait_seconds_count", {"engine": "inert"}
         )
@@ -1940,10 +1943,17 @@ def test_a_side_connection_is_set_up_like_the_applications_and_not_counted(
 
     engine, hooks, stages = _pool_hooks(tmp_path / "side.db")
     seen: list[Any] = []
+    records: list[Any] = []
+
+    @event.listens_for(engine, "do_connect")
+    def made(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        records.append(record)
 
     @event.listens_for(engine, "connect")
     def set_up(dbapi_connection: Any, record: Any) -> None:
         seen.append(dbapi_connection)
+        record.info["set_up"] = True  # handlers keep per-connection state on the record
+        records.append(record)
         dbapi_connection.execute("PRAGMA user_version = 42")
 
     recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
@@ -1956,6 +1966,11 @@ def test_a_side_connection_is_set_up_like_the_applications_and_not_counted(
                 assert seen[-1] is side and len(seen) == 2
                 assert side.execute("PRAGMA user_version").fetchone() == (42,)
                 assert engine.pool.checkedout() == 1
+                # do_connect and connect of the side connection saw one record of its own
+                side_record = records[-1]
+                assert records[-2] is side_record
+                assert side_record is not pooled.connection._connection_record
+                assert side_record.info == {"set_up": True}
             finally:
                 side.close()
         assert len([c for c in recorder.calls if c[0] == "connected"]) == 1  # the pooled one
@@ -1987,3 +2002,148 @@ def test_a_side_connection_of_a_collected_engine_is_refused() -> None:
     gc.collect()
     with pytest.raises(RuntimeError, match=r"^the engine is gone$"):
         hooks.side_connection()
+
+
+def _stepping_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool hooks' clock moves one second at each reading."""
+    import itertools
+
+    from sqlprobe._hooks import _pool
+
+    ticks = itertools.count(1000)
+    monkeypatch.setattr(_pool, "perf_counter", lambda: float(next(ticks)))
+
+
+def test_a_unit_of_work_adds_up_the_wait_and_time_of_each_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two checkouts in one scope: the unit's statement time and wait are their sums."""
+    _stepping_clock(monkeypatch)
+    engine, hooks, stages = _pool_hooks(tmp_path / "sums.db")
+    recorder = _PoolRecorder(hold=1e9, idle_in_transaction=1e9)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        with sqlprobe.scope("two"):
+            for _ in range(2):
+                with engine.connect() as conn:  # waits 1 s (two readings)
+                    conn.execute(text("SELECT 1"))  # its ROLLBACK takes 1 s
+        units = [c for c in recorder.calls if c[0] == "unit"]
+        assert units == [("unit", "two", 0, 2.0, 2.0, 200)]
+        assert stages == []
+    finally:
+        undo()
+        engine.dispose()
+
+
+def test_a_pool_reset_commit_is_neither_a_transaction_nor_statement_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pool_reset_on_return="commit": the reset COMMIT is the pool's, not the checkout's."""
+    from sqlalchemy.pool import QueuePool
+
+    from sqlprobe._hooks._pool import PoolHooks
+
+    _stepping_clock(monkeypatch)
+    engine = create_engine(
+        f"sqlite:///{tmp_path / 'reset.db'}", poolclass=QueuePool, pool_reset_on_return="commit"
+    )
+    stages: list[Any] = []
+    hooks = PoolHooks(engine, contain=stages.append, error_name=lambda exc: "E")
+    recorder = _PoolRecorder(hold=1e9, idle_in_transaction=1e9)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        with engine.connect():
+            pass
+        with engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+        calls = [c for c in recorder.calls if c[0] in ("checkin", "idle", "transaction")]
+        # First checkout: no transaction, so all of its use is idle. Second: one
+        # transaction (begin, COMMIT start and end: 2 s), and only it is statement time.
+        assert calls == [
+            ("checkin", 1.0),
+            ("idle", 1.0),
+            ("transaction", "commit", 2.0),
+            ("checkin", 4.0),
+            ("idle", 3.0),
+        ]
+        assert stages == []
+    finally:
+        undo()
+        engine.dispose()
+
+
+def test_an_invalidation_without_a_transaction_is_no_internal_error(tmp_path: Path) -> None:
+    """Invalidating a connection with no transaction open counts it, and nothing else."""
+    engine, hooks, stages = _pool_hooks(tmp_path / "notxn.db")
+    recorder = _PoolRecorder(hold=1e9, idle_in_transaction=1e9)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        with engine.connect() as conn:
+            conn.invalidate()
+        assert [c[0] for c in recorder.calls if c[0] in ("invalidated", "transaction")] == [
+            "invalidated"
+        ]
+        assert stages == []
+    finally:
+        undo()
+        engine.dispose()
+
+
+def test_no_checkin_listener_where_the_pool_returns_connections_itself(
+    tmp_path: Path, registry: CollectorRegistry, detach_new_probes: None
+) -> None:
+    """On SQLAlchemy 2.x check-ins are seen through _return_conn: no checkin listener."""
+    from sqlalchemy.pool import Pool
+
+    assert callable(getattr(Pool, "_return_conn", None))
+    engine = create_engine(f"sqlite:///{tmp_path / 'nocheckin.db'}")
+    try:
+        sqlprobe.attach(engine, registry=registry, name="nocheckin")
+        assert len(engine.pool.dispatch.checkin) == 0
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        count = registry.get_sample_value(
+            "sqlprobe_pool_connection_use_seconds_count", {"engine": "nocheckin"}
+        )
+        assert count == 1
+    finally:
+        engine.dispose()
+
+
+def test_a_detached_connections_transactions_are_still_timed(tmp_path: Path) -> None:
+    """A connection detached from its pool keeps its begin time on itself: timed."""
+    engine, hooks, stages = _pool_hooks(tmp_path / "detached_txn.db")
+    recorder = _PoolRecorder(hold=1e9, idle_in_transaction=1e9)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        with engine.connect() as conn:
+            conn.detach()
+            conn.execute(text("SELECT 1"))
+            conn.commit()
+            conn.execute(text("SELECT 2"))
+            conn.rollback()
+        outcomes = [c[1] for c in recorder.calls if c[0] == "transaction"]
+        assert outcomes == ["commit", "rollback"]
+        assert stages == []
+    finally:
+        undo()
+        engine.dispose()
+
+
+def test_a_failing_unit_of_work_sink_is_contained_as_stage_pool(tmp_path: Path) -> None:
+    """A hold sink that raises at the end of a unit of work is counted, as stage pool."""
+    engine, hooks, stages = _pool_hooks(tmp_path / "unit_fails.db")
+
+    class UnitFails(_PoolRecorder):
+        def unit(self, *args: Any) -> None:
+            raise RuntimeError("sink bug")
+
+    recorder = UnitFails(hold=1e9, idle_in_transaction=1e9)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        with sqlprobe.scope("fails"), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        assert stages == ["pool"]
+    finally:
+        undo()
+        engine.dispose()

@@ -507,3 +507,29 @@ def test_each_transaction_of_a_checkout_has_its_own_idle_time(engine: Engine) ->
             assert hold[BEGUN] is None and hold[LAST] > statement_end  # the ROLLBACK's end
     finally:
         probe.detach()
+
+
+def test_a_rolled_back_transaction_has_its_own_idle_time_too(engine: Engine) -> None:
+    """A ROLLBACK ends its transaction's idle time as a COMMIT does, busy or idle."""
+    from sqlprobe._core._hold import BEGUN, TXN_IDLE
+
+    probe = sqlprobe.attach(engine, registry=CollectorRegistry())
+    try:
+        with engine.connect() as conn:
+            hold = _hold(conn)
+            with conn.begin():  # busy: statement time the later ones must not subtract
+                conn.exec_driver_sql(SLOW)
+            assert hold[TXN_IDLE] < 0.1
+            trans = conn.begin()  # idle, rolled back
+            conn.exec_driver_sql("SELECT 1")
+            time.sleep(0.3)
+            trans.rollback()
+            assert hold[BEGUN] is None
+            assert 0.25 <= hold[TXN_IDLE] < 1.5
+            idle = hold[TXN_IDLE]
+            trans = conn.begin()  # busy, rolled back: less idle than the one kept
+            conn.exec_driver_sql(SLOW)
+            trans.rollback()
+            assert hold[TXN_IDLE] == idle
+    finally:
+        probe.detach()

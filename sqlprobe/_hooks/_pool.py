@@ -91,8 +91,10 @@ to a :class:`HoldMonitor`. When the Prometheus series is the only sink
 rollback durations) are appended to its pending lists instead of handed over one
 call, one lock and one bisection each; the series settles them into its histograms
 before every scrape, and the hooks settle them whenever a list reaches
-:data:`SETTLE_AT` values. A rollback with no transaction of the application's open
-(the pool's reset-on-return after a COMMIT) is not timed at all.
+:data:`SETTLE_AT` values. A ROLLBACK or COMMIT with no transaction of the application's
+open (the pool's reset-on-return, or a dialect's own on a connection it opened) is not
+timed at all: neither a transaction nor statement time of the checkout; only its failure
+counts, as a failed statement.
 
 What a request costs here, in the order it happens: the checkout wrapper (the wait,
 the frame walk, the hold), ``do_begin`` (one store on the record and the hold),
@@ -905,6 +907,16 @@ class PoolHooks:
             except Exception:
                 state = None
                 begun = None
+            if begun is None:
+                # No transaction of the application's is open: the pool's
+                # reset-on-return COMMIT (``pool_reset_on_return="commit"``), or a
+                # dialect's own. As for such a ROLLBACK, only a failure counts.
+                try:
+                    original_commit(connection)
+                except BaseException as exc:
+                    failed("COMMIT", exc)
+                    raise
+                return
             start = perf_counter()
             try:
                 original_commit(connection)
@@ -913,14 +925,11 @@ class PoolHooks:
                 failed("COMMIT", exc)
                 try:
                     ended(state, start, end)
-                    if begun is not None:
-                        transaction("rollback", end - begun)
+                    transaction("rollback", end - begun)
                 except Exception:
                     contain("pool")
                 raise
             end = perf_counter()
-            if state is None:
-                return
             try:
                 hold = state.get(out_key)
                 if hold is not None:  # ended(), inline
@@ -932,13 +941,12 @@ class PoolHooks:
                         idle = (end - txn_begun) - (seconds - hold[11])  # BEGUN_SECONDS
                         if idle > hold[12]:  # TXN_IDLE
                             hold[12] = idle
-                if begun is not None:
-                    if buffered:
-                        commit_append(end - begun)
-                        if len(commits) >= SETTLE_AT:
-                            settle()
-                    else:
-                        transaction("commit", end - begun)
+                if buffered:
+                    commit_append(end - begun)
+                    if len(commits) >= SETTLE_AT:
+                        settle()
+                else:
+                    transaction("commit", end - begun)
             except Exception:
                 contain("pool")
 
