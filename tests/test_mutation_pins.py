@@ -1121,9 +1121,11 @@ def test_a_refused_commit_counts_as_a_failed_commit_statement(
                 text("CREATE TABLE c (p INTEGER REFERENCES p (id) DEFERRABLE INITIALLY DEFERRED)")
             )
         provider = MeterProvider() if otel else None
-        sqlprobe.attach(engine, registry=registry, name="refused", meter_provider=provider)
+        probe = sqlprobe.attach(engine, registry=registry, name="refused", meter_provider=provider)
         with pytest.raises(IntegrityError), engine.begin() as conn:
             conn.execute(text("INSERT INTO c VALUES (7)"))
+        # One shape, spelled as SQL: the same as an application's own text("COMMIT").
+        assert [s.statement for s in probe.statements() if s.operation == "COMMIT"] == ["COMMIT"]
         errors = {
             (s.labels["operation"], s.labels["error"]): s.value
             for m in registry.collect()
@@ -1499,7 +1501,7 @@ def test_a_rollback_the_driver_refuses_counts_as_a_failed_rollback(
 
     try:
         engine.dialect.do_rollback = refusing  # type: ignore[method-assign]
-        sqlprobe.attach(engine, registry=registry, name="norollback")
+        probe = sqlprobe.attach(engine, registry=registry, name="norollback")
         conn = engine.connect()
         refuse[0] = True
         if begun:
@@ -1518,6 +1520,8 @@ def test_a_rollback_the_driver_refuses_counts_as_a_failed_rollback(
             if s.name == "sqlprobe_query_errors_total"
         }
         assert errors == {("ROLLBACK", "OperationalError"): 1}
+        failed = [s.statement for s in probe.statements() if s.operation == "ROLLBACK"]
+        assert failed == ["ROLLBACK"]
         labels = {"engine": "norollback", "outcome": "rollback"}
         count = registry.get_sample_value("sqlprobe_transaction_duration_seconds_count", labels)
         assert count == (1 if begun else 0)

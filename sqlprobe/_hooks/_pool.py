@@ -867,11 +867,11 @@ class PoolHooks:
         commit_append, rollback_append = commits.append, rollbacks.append
         settle = self._settle
 
-        def ended(state: dict[str, Any] | None, start: float, end: float) -> None:
+        def ended(state: dict[str, Any], start: float, end: float) -> None:
             # The COMMIT/ROLLBACK is statement time of the checkout; the transaction's
             # time without a statement running is its idle-in-transaction time. (The
             # successful paths below write the same inline: they run per transaction.)
-            hold = state.get(out_key) if state is not None else None
+            hold = state.get(out_key)
             if hold is None:
                 return
             hold[SECONDS] += end - start
