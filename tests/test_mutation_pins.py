@@ -1860,13 +1860,15 @@ def test_holds_beyond_the_bound_are_measured_but_not_tracked(
     recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
     undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
     try:
-        out = [engine.connect() for _ in range(3)]
+        out = [engine.connect() for _ in range(4)]
         assert len(hooks.holders()) == 2
         assert hooks.peak() == 2
+        out[3].detach()  # an untracked checkout leaves the pool: its slot is empty
         for conn in out:
             conn.close()
         assert hooks.holders() == []
         assert len([c for c in recorder.calls if c[0] == "checkin"]) == 3
+        assert hooks.snapshot() == (3, 0, 15)  # 4 slots back, one of them empty
         assert stages == []
     finally:
         undo()
@@ -2148,6 +2150,24 @@ def test_a_failing_unit_of_work_sink_is_contained_as_stage_pool(tmp_path: Path) 
         with sqlprobe.scope("fails"), engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         assert stages == ["pool"]
+    finally:
+        undo()
+        engine.dispose()
+
+
+def test_a_connection_checked_out_before_attach_and_detached_leaves_an_empty_slot(
+    tmp_path: Path,
+) -> None:
+    """Detaching a connection checked out before attach (no hold) empties its slot."""
+    engine, hooks, stages = _pool_hooks(tmp_path / "early.db")
+    conn = engine.connect()
+    recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
+    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
+    try:
+        conn.detach()
+        conn.close()
+        assert hooks.snapshot() == (0, 0, 1)
+        assert stages == []
     finally:
         undo()
         engine.dispose()
