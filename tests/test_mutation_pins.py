@@ -4,8 +4,10 @@ the registry's samples, the shapes and the records, so the tests outlive refacto
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1201,14 +1203,32 @@ class _PoolRecorder:
         self.reported.append((hold, now, held, idle))
 
 
+@contextlib.contextmanager
+def _recording(
+    path: Path, *, hold: float = 1e9, idle_in_transaction: float = 1e9
+) -> Iterator[tuple[Any, Any, list[Any], _PoolRecorder]]:
+    """:func:`_pool_hooks` installed with one :class:`_PoolRecorder` as every sink (its
+    thresholds never reached unless given), undone and disposed at the end."""
+    engine, hooks, stages = _pool_hooks(path)
+    recorder = _PoolRecorder(hold=hold, idle_in_transaction=idle_in_transaction)
+    undo = hooks.install(recorder, recorder, recorder)
+    try:
+        yield engine, hooks, stages, recorder
+    finally:
+        undo()
+        engine.dispose()
+
+
 def test_checkouts_over_a_threshold_are_reported_at_check_in(tmp_path: Path) -> None:
     """Check-in reports a hold over hold_threshold or idle in a transaction over its own."""
     from sqlprobe._core._hold import TXN_IDLE
 
-    engine, hooks, stages = _pool_hooks(tmp_path / "report.db")
-    recorder = _PoolRecorder(hold=0.2, idle_in_transaction=0.05)
-    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
-    try:
+    with _recording(tmp_path / "report.db", hold=0.2, idle_in_transaction=0.05) as (
+        engine,
+        _,
+        stages,
+        recorder,
+    ):
         start = time.perf_counter()
         with engine.connect():  # held past hold_threshold: reported
             time.sleep(0.22)
@@ -1242,9 +1262,6 @@ def test_checkouts_over_a_threshold_are_reported_at_check_in(tmp_path: Path) -> 
             engine.connect()
         waited, timed_out = [c[1:] for c in recorder.calls if c[0] == "exhausted"][-1]
         assert timed_out is True and 0.01 <= waited < 1.0
-    finally:
-        undo()
-        engine.dispose()
 
 
 def test_a_detached_connection_leaves_no_hold_behind(
@@ -1709,10 +1726,7 @@ def test_an_invalidated_connection_still_out_is_no_longer_in_a_transaction(
     """A connection invalidated while out, in a transaction, leaves its hold outside one."""
     from sqlprobe._core._hold import in_transaction
 
-    engine, hooks, stages = _pool_hooks(tmp_path / "invalid.db")
-    recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
-    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
-    try:
+    with _recording(tmp_path / "invalid.db") as (engine, hooks, stages, recorder):
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
             (hold,) = hooks.holders()
@@ -1727,9 +1741,6 @@ def test_an_invalidated_connection_still_out_is_no_longer_in_a_transaction(
         assert len(rollbacks) == 1
         assert 0.0 <= rollbacks[0][2] < 5.0  # counted at the invalidation, from the begin
         assert stages == []
-    finally:
-        undo()
-        engine.dispose()
 
 
 def test_slots_emptied_in_a_replaced_queue_pool_do_not_count_against_the_new_one(
@@ -1896,10 +1907,7 @@ def test_holders_retries_a_copy_that_another_thread_disturbed(tmp_path: Path) ->
 
 def test_after_fork_forgets_the_parents_checkouts(tmp_path: Path) -> None:
     """In a forked child the checkouts out in the parent are forgotten, the peak restarts."""
-    engine, hooks, stages = _pool_hooks(tmp_path / "fork.db")
-    recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
-    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
-    try:
+    with _recording(tmp_path / "fork.db") as (engine, hooks, stages, _):
         conn = engine.connect()
         assert len(hooks.holders()) == 1
         hooks.after_fork()
@@ -1907,17 +1915,11 @@ def test_after_fork_forgets_the_parents_checkouts(tmp_path: Path) -> None:
         assert hooks.take_peak() == 0
         conn.close()
         assert stages == []
-    finally:
-        undo()
-        engine.dispose()
 
 
 def test_commit_and_rollback_on_a_bare_dbapi_connection_pass_through(tmp_path: Path) -> None:
     """A dialect's COMMIT or ROLLBACK on a raw DBAPI connection runs; nothing is counted."""
-    engine, hooks, stages = _pool_hooks(tmp_path / "raw.db")
-    recorder = _PoolRecorder(hold=60.0, idle_in_transaction=60.0)
-    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
-    try:
+    with _recording(tmp_path / "raw.db") as (engine, _, stages, recorder):
         raw = engine.dialect.connect(str(tmp_path / "raw.db"))
         raw.execute("CREATE TABLE r (v INTEGER PRIMARY KEY)")
         raw.execute("INSERT INTO r VALUES (1)")
@@ -1936,9 +1938,6 @@ def test_commit_and_rollback_on_a_bare_dbapi_connection_pass_through(tmp_path: P
             ("statement_failed", "COMMIT", "IntegrityError")
         ]
         assert stages == []
-    finally:
-        undo()
-        engine.dispose()
 
 
 def test_a_side_connection_is_set_up_like_the_applications_and_not_counted(
@@ -2025,10 +2024,7 @@ def test_a_unit_of_work_adds_up_the_wait_and_time_of_each_checkout(
 ) -> None:
     """Two checkouts in one scope: the unit's statement time and wait are their sums."""
     _stepping_clock(monkeypatch)
-    engine, hooks, stages = _pool_hooks(tmp_path / "sums.db")
-    recorder = _PoolRecorder(hold=1e9, idle_in_transaction=1e9)
-    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
-    try:
+    with _recording(tmp_path / "sums.db") as (engine, _, stages, recorder):
         with sqlprobe.scope("two"):
             for _ in range(2):
                 with engine.connect() as conn:  # waits 1 s (two readings)
@@ -2036,9 +2032,6 @@ def test_a_unit_of_work_adds_up_the_wait_and_time_of_each_checkout(
         units = [c for c in recorder.calls if c[0] == "unit"]
         assert units == [("unit", "two", 0, 2.0, 2.0, 200)]
         assert stages == []
-    finally:
-        undo()
-        engine.dispose()
 
 
 def test_a_pool_reset_commit_is_neither_a_transaction_nor_statement_time(
@@ -2080,19 +2073,13 @@ def test_a_pool_reset_commit_is_neither_a_transaction_nor_statement_time(
 
 def test_an_invalidation_without_a_transaction_is_no_internal_error(tmp_path: Path) -> None:
     """Invalidating a connection with no transaction open counts it, and nothing else."""
-    engine, hooks, stages = _pool_hooks(tmp_path / "notxn.db")
-    recorder = _PoolRecorder(hold=1e9, idle_in_transaction=1e9)
-    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
-    try:
+    with _recording(tmp_path / "notxn.db") as (engine, _, stages, recorder):
         with engine.connect() as conn:
             conn.invalidate()
         assert [c[0] for c in recorder.calls if c[0] in ("invalidated", "transaction")] == [
             "invalidated"
         ]
         assert stages == []
-    finally:
-        undo()
-        engine.dispose()
 
 
 def test_no_checkin_listener_where_the_pool_returns_connections_itself(
@@ -2118,10 +2105,7 @@ def test_no_checkin_listener_where_the_pool_returns_connections_itself(
 
 def test_a_detached_connections_transactions_are_still_timed(tmp_path: Path) -> None:
     """A connection detached from its pool keeps its begin time on itself: timed."""
-    engine, hooks, stages = _pool_hooks(tmp_path / "detached_txn.db")
-    recorder = _PoolRecorder(hold=1e9, idle_in_transaction=1e9)
-    undo = hooks.install(recorder, recorder, recorder)  # type: ignore[arg-type]
-    try:
+    with _recording(tmp_path / "detached_txn.db") as (engine, _, stages, recorder):
         with engine.connect() as conn:
             conn.detach()
             conn.execute(text("SELECT 1"))
@@ -2131,9 +2115,6 @@ def test_a_detached_connections_transactions_are_still_timed(tmp_path: Path) -> 
         outcomes = [c[1] for c in recorder.calls if c[0] == "transaction"]
         assert outcomes == ["commit", "rollback"]
         assert stages == []
-    finally:
-        undo()
-        engine.dispose()
 
 
 def test_a_failing_unit_of_work_sink_is_contained_as_stage_pool(tmp_path: Path) -> None:
