@@ -11,7 +11,7 @@ others'.
 
 For each target the script prints the counts (killed, survived, timeout, no tests,
 ...) and writes ``mutation-survivors-NAME.txt``: every mutant not killed, with its
-status (``mutmut show NAME`` in ``build/mutation/NAME`` prints its diff). Which
+status and its diff against the original function. Which
 survivors are equivalent is decided by reading them; the list, with a reason each, is
 in docs/reliability.md.
 """
@@ -19,6 +19,8 @@ in docs/reliability.md.
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import os
 import re
@@ -80,6 +82,50 @@ def _mutmut(where: Path, *args: str, capture: bool = False) -> str:
     return done.stdout if capture else ""
 
 
+def _functions(path: Path) -> dict[str, str]:
+    """The source of each function of a mutants file, by name (originals and mutants)."""
+    source = path.read_text("utf-8")
+    lines = source.splitlines()
+    return {
+        node.name: "\n".join(lines[node.lineno - 1 : node.end_lineno])
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name
+    }
+
+
+_parsed: dict[Path, dict[str, str]] = {}
+
+
+def _with_diff(mutants: Path, line: str) -> str:
+    """A line of `mutmut results` (``module.xfunction__mutmut_N: status``) with the
+    mutant's diff against its original function under it.
+
+    `mutmut show NAME` prints the same but takes seconds per call; the mutants file holds
+    every mutant as a function of its own beside ``..._mutmut_orig``, so the diff is read
+    from there.
+    """
+    name = line.rsplit(":", 1)[0].strip()
+    module, _, function = name.rpartition(".")
+    path = mutants / (module.replace(".", "/") + ".py")
+    if "__mutmut_" not in function or not path.is_file():
+        return line + "\n"
+    if path not in _parsed:
+        _parsed[path] = _functions(path)
+    functions = _parsed[path]
+    base = function.rsplit("__mutmut_", 1)[0]
+    original, mutant = functions.get(base + "__mutmut_orig"), functions.get(function)
+    if original is None or mutant is None:
+        return line + "\n"
+    diff = difflib.unified_diff(
+        original.replace(base + "__mutmut_orig", "f").splitlines(),
+        mutant.replace(function, "f").splitlines(),
+        lineterm="",
+        n=1,
+    )
+    body = [f"    {d}" for d in diff if not d.startswith(("---", "+++"))]
+    return line + "\n" + "".join(b + "\n" for b in body)
+
+
 def run(name: str, settings: dict[str, object], workers: int, resume: bool) -> dict[str, int]:
     where = _prepare(name, settings, resume)
     print(f"== mutation target {name}: {', '.join(settings['source_paths'])}", flush=True)
@@ -89,9 +135,8 @@ def run(name: str, settings: dict[str, object], workers: int, resume: bool) -> d
     stats: dict[str, int] = json.loads(stats_file.read_text()) if stats_file.exists() else {}
     listing = _mutmut(where, "results", capture=True)
     out = ROOT / f"mutation-survivors-{name}.txt"
-    # `mutmut show NAME` (run in build/mutation/TARGET) prints one mutant's diff; it
-    # takes seconds per call, so the file lists names and statuses only.
-    out.write_text("".join(line.strip() + "\n" for line in listing.splitlines()), "utf-8")
+    lines = [line.strip() for line in listing.splitlines() if line.strip()]
+    out.write_text("".join(_with_diff(where / "mutants", line) for line in lines), "utf-8")
     print(f"{name}: {json.dumps(stats)}  (survivors: {out.relative_to(ROOT)})", flush=True)
     return stats
 
