@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import functools
 import json
 import os
 import re
@@ -82,6 +83,7 @@ def _mutmut(where: Path, *args: str, capture: bool = False) -> str:
     return done.stdout if capture else ""
 
 
+@functools.cache
 def _functions(path: Path) -> dict[str, str]:
     """The source of each function of a mutants file, by name (originals and mutants)."""
     source = path.read_text("utf-8")
@@ -91,9 +93,6 @@ def _functions(path: Path) -> dict[str, str]:
         for node in ast.walk(ast.parse(source))
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name
     }
-
-
-_parsed: dict[Path, dict[str, str]] = {}
 
 
 def _with_diff(mutants: Path, line: str) -> str:
@@ -109,9 +108,7 @@ def _with_diff(mutants: Path, line: str) -> str:
     path = mutants / (module.replace(".", "/") + ".py")
     if "__mutmut_" not in function or not path.is_file():
         return line + "\n"
-    if path not in _parsed:
-        _parsed[path] = _functions(path)
-    functions = _parsed[path]
+    functions = _functions(path)
     base = function.rsplit("__mutmut_", 1)[0]
     original, mutant = functions.get(base + "__mutmut_orig"), functions.get(function)
     if original is None or mutant is None:
